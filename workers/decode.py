@@ -1,28 +1,35 @@
 """The decode loop, written once: propose → one target forward over [last, *draft] → verify → roll back → observe.
 
 The target's KV cache holds every token but the last (gpt-fast's convention), so each step scores `last`
-together with the draft.
+together with the draft. A proposer may define `observe_logits(seq, draft, logits)`: it then also receives the
+target's logits [k'+1, V] over [last, *draft.tokens], before `observe` (Token Recycling learns from them).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from .model import Session
 from .proposers.ar import ARProposer
-from .types import DecodeStats, Proposer, SamplingParams
+from .types import DecodeStats, Draft, Proposer, SamplingParams
 from .verify import verify
+
+if TYPE_CHECKING:
+    from .constraint import Constraint
 
 
 def decode(session: Session, proposer: Proposer, prompt: list[int], params: SamplingParams,
            generator: torch.Generator | None, eos_ids: frozenset[int], capacity: int, k: int = 8,
-           stats: DecodeStats | None = None) -> Iterator[list[int]]:
+           stats: DecodeStats | None = None, constraint: Constraint | None = None) -> Iterator[list[int]]:
     """Yield the tokens emitted at each step until EOS, max_tokens or the cache's capacity.
 
     An arm that raises mid-request is replaced by AR for the rest of the request (`stats.fallback` says why).
+    `constraint` (the request's grammar, workers/constraint.py) drafts the tokens it forces instead of the arm,
+    prunes the arm's drafts, masks the target's logits and ends with the EOS it forces; None = unconstrained.
     """
     stats = stats if stats is not None else DecodeStats()
     seq = list(prompt)
@@ -32,28 +39,46 @@ def decode(session: Session, proposer: Proposer, prompt: list[int], params: Samp
     budget = min(params.max_tokens, capacity - len(prompt))
     while budget > 0:
         t0 = time.perf_counter()
+        forced = constraint.forced(min(k, budget - 1)) if constraint is not None else None
         try:
-            draft = proposer.propose(seq, min(k, budget - 1))
+            draft = forced or proposer.propose(seq, min(k, budget - 1))
         except Exception as exc:  # an arm's failure must not fail the request
             stats.fallback, proposer = f"{type(exc).__name__}: {exc}", ARProposer()
             draft = proposer.propose(seq, 0)
+        draft = constraint.restrict(draft, params) if constraint is not None else draft
         t1 = time.perf_counter()
-        logits = session.forward([seq[-1], *draft.tokens])                     # [k'+1, V]
-        verdict = verify(logits, draft, params, generator, eos_ids, budget)
+        logits = _score(session, seq[-1], draft)                              # [k'+1, V]
+        scored = constraint.mask(logits, draft, params) if constraint is not None else logits
+        verdict = verify(scored, draft, params, generator, eos_ids, budget)
+        if verdict.path:  # tree: move the accepted nodes' cache entries onto the sequence
+            session.keep([len(seq) + i for i in verdict.path], len(seq))
         session.rollback(len(seq) + verdict.accepted)
         t2 = time.perf_counter()
         try:
-            proposer.observe(seq, verdict)
+            if forced is None:  # a step the grammar drafted is none of the arm's business
+                if hasattr(proposer, "observe_logits"):  # optional: arms that learn from the target's scores
+                    proposer.observe_logits(seq, draft, logits)
+                proposer.observe(seq, verdict)
         except Exception as exc:
             stats.fallback, proposer = f"{type(exc).__name__}: {exc}", ARProposer()
-        seq.extend(verdict.emitted)
-        budget -= len(verdict.emitted)
-        _count(stats, len(draft.tokens), verdict.accepted, len(verdict.emitted))
+        emitted = verdict.emitted if constraint is None else constraint.commit(verdict, budget)
+        seq.extend(emitted)
+        budget -= len(emitted)
+        _count(stats, 0 if forced else len(draft.tokens), 0 if forced else verdict.accepted, len(emitted))
+        if constraint is not None:
+            stats.forced += (verdict.accepted if forced else 0) + len(emitted) - len(verdict.emitted)
+            stats.pruned = constraint.pruned
         stats.propose_s += t1 - t0 + time.perf_counter() - t2
         stats.verify_s += t2 - t1
-        yield verdict.emitted
-        if verdict.emitted[-1] in eos_ids and not params.ignore_eos:
+        yield emitted
+        if emitted[-1] in eos_ids and (not params.ignore_eos or constraint is not None):
             return
+
+
+def _score(session: Session, last: int, draft: Draft) -> torch.Tensor:
+    if draft.parents is None:
+        return session.forward([last, *draft.tokens])
+    return session.forward([last, *draft.tokens], parents=[-1] + [p + 1 for p in draft.parents])
 
 
 def _count(stats: DecodeStats, drafted: int, accepted: int, emitted: int) -> None:

@@ -47,12 +47,31 @@ class SamplingParams:
 class Draft:
     tokens: list[int]                  # [k'] proposed continuation, k' <= k, may be empty
     probs: torch.Tensor | None = None  # [k', vocab] drafter distribution; None = deterministic drafter
+    parents: list[int] | None = None   # [k'] tree draft: parent node index (-1 = child of `last`), parents[i] < i;
+                                       # None = a chain (node i's parent is i - 1)
+
+    def __post_init__(self) -> None:
+        if self.parents is not None:
+            if len(self.parents) != len(self.tokens) or any(not -1 <= p < i for i, p in enumerate(self.parents)):
+                raise ValueError("tree draft: parents must have one entry per token, each in [-1, index)")
+            if self.probs is not None:
+                raise ValueError("tree drafts must be deterministic (probs=None)")
+
+    def depths(self) -> list[int]:
+        """Depth of every node (1 = child of `last`); a chain's node i has depth i + 1."""
+        if self.parents is None:
+            return list(range(1, len(self.tokens) + 1))
+        depth: list[int] = []
+        for p in self.parents:
+            depth.append(1 if p < 0 else depth[p] + 1)
+        return depth
 
 
 @dataclass(frozen=True)
 class Verdict:
     accepted: int                      # draft tokens kept, 0..k'
     emitted: list[int]                 # accepted tokens + one bonus-or-recovered token (fewer if cut by EOS/max)
+    path: list[int] | None = None      # tree drafts: indices of the accepted nodes, root to leaf
 
 
 class Proposer(Protocol):
@@ -76,6 +95,8 @@ class DecodeStats:
     propose_s: float = 0.0       # time spent in propose/observe
     verify_s: float = 0.0        # time spent in target forwards + verification
     fallback: str | None = None  # why the arm fell back to AR mid-request, if it did
+    forced: int = 0              # constrained: tokens emitted from grammar-forced drafts (fast-forward, final EOS)
+    pruned: int = 0              # constrained: draft tokens dropped before verification because they left the grammar
 
     @property
     def acceptance_length(self) -> float:
