@@ -18,6 +18,298 @@ def _train(args) -> int:
     run(stages, Path(args.work_dir), Path(args.out), cfg, drafter_minutes=args.drafter_minutes, device=args.device)
     return 0
 
+def _quiet_loading() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # per-checkpoint "Loading weights" bars drown the command's own output
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+def _drafter(value: str) -> str | None:
+    return None if value.lower() in ("", "none") else value
+
+
+def _generate(args) -> int:
+    from metaspec.bench_generate import (GenerateConfig, compare_methods, compare_table, local_engine, stats_line,
+                                         stream_text)
+    from metaspec.workers.engine import Request
+    from metaspec.workers.types import RequestError, SamplingParams
+
+    if getattr(args, "server", None):
+        return _generate_remote(args)   # gRPC client to a running service: no model loads here
+    _quiet_loading()
+    # everything below is the local, in-process path.
+    try:
+        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+        engine = local_engine(GenerateConfig(args.target, _drafter(args.drafter), args.dtype, args.threads))
+        result = stream_text(engine, Request(prompt=args.prompt, params=params, method=args.method))
+        print(("" if args.method else "(automatic method) ") + stats_line(result))
+        if args.compare:
+            rows = compare_methods(engine, args.prompt, params, repeats=args.repeats)
+            print(f"\nevery method on this prompt ({args.dtype}, median of {args.repeats} interleaved runs):")
+            print(compare_table(rows, greedy=params.greedy))
+    except (RequestError, OSError) as exc:  # a bad request, or checkpoints that cannot be loaded
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _bench(args) -> int:
+    from metaspec.bench import BenchConfig, default_out_dir, run_bench, write_outputs
+    from metaspec.bench_report import format_tables
+
+    _quiet_loading()
+    if args.constraints:  # JSON Schema-constrained decoding over JSONSchemaBench (metaspec/bench_constraints.py)
+        from metaspec.bench_constraints import run_from_cli
+        return run_from_cli(args)
+    try:
+        cfg = BenchConfig(
+            target=args.target, drafter=_drafter(args.drafter), dtype=args.dtype, threads=args.threads,
+            arms=_csv(args.arms), categories=_csv(args.categories), n_per_category=args.n_per_category,
+            repeats=args.repeats, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+            data_dir=args.data_dir, max_prompt_tokens=args.max_prompt_tokens, compare_hf=args.compare_hf,
+            hf_prompt_lookup_tokens=args.hf_prompt_lookup_tokens)
+        result = run_bench(cfg)
+    except (ValueError, OSError) as exc:  # bad options (RequestError is a ValueError), missing checkpoints or data
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    paths = write_outputs(result, Path(args.out) if args.out else default_out_dir())
+    print(format_tables(result))
+    print("\n" + "  ".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=str(DEFAULT_CHECKPOINTS / "target"), help="target HF causal LM (path or id)")
+    p.add_argument("--drafter", default=str(DEFAULT_CHECKPOINTS / "drafter"),
+                   help="drafter sharing the target's tokenizer ('none' to run without)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate from a prompt locally; --compare runs every method on it")
+    p.add_argument("prompt")
+    p.add_argument("--compare", action="store_true", help="also run every available method and print a table")
+    p.add_argument("--method", default=None, help="arm to use (default: automatic)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per method with --compare")
+    _add_model_options(p)
+    _add_server_options(p)
+    p.set_defaults(func=_generate)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark arms over ../shared/data prompts: JSON, table and PNG")
+    _add_model_options(p)
+    p.add_argument("--arms", default=None, help="comma list of arms (default: every arm the engine can run)")
+    p.add_argument("--categories", default=None, help="comma list (default: the 6 Spec-Bench groups, "
+                                                      "humaneval, gsm8k)")
+    p.add_argument("--n-per-category", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=1, help="interleaved passes over all prompts")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="shared data folder (default: nearest shared/data above cwd "
+                                                  "or the package)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="keep only the last N prompt tokens")
+    p.add_argument("--compare-hf", action="store_true", help="also run HF generate: greedy, assisted, prompt lookup")
+    p.add_argument("--hf-prompt-lookup-tokens", type=int, default=10)
+    p.add_argument("--out", default=None, help="output folder (default: runs/bench-<timestamp>)")
+    p.add_argument("--constraints", action="store_true", help="JSON Schema-constrained decoding on JSONSchemaBench "
+                   "(--categories = subsets, --n-per-category = schemas per subset)")
+    p.set_defaults(func=_bench)
+
+
+def _collect(args) -> int:
+    from metaspec.collect import CollectConfig, collect
+
+    _quiet_loading()
+    try:
+        cfg = CollectConfig(
+            target=args.target, drafter=_drafter(args.drafter), dtype=args.dtype, threads=args.threads,
+            arms=_csv(args.arms), categories=_csv(args.categories), n_per_category=args.n_per_category,
+            max_tokens=args.max_tokens, temperatures=tuple(float(t) for t in _csv(args.temperatures) or ("0",)),
+            repeats=args.repeats, ignore_eos=not args.stop_at_eos, seed=args.seed, data_dir=args.data_dir,
+            pool=args.pool, hardware_json=args.hardware)
+        summary = collect(cfg, Path(args.out), append=args.append)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{summary['records']} outcome records ({summary['prompts']} prompts x {', '.join(summary['methods'])}) "
+          f"in {summary['wall_s']} s -> {summary['out']}")
+    return 0
+
+
+def _retrain(args) -> int:
+    import json
+
+    from metaspec.selector.retrain import RetrainConfig, retrain
+
+    cfg = RetrainConfig(kinds=_csv(args.kinds) or RetrainConfig().kinds, n_splits=args.folds,
+                        holdout_share=args.holdout_share, tolerance=args.tolerance, seed=args.seed)
+    try:
+        report = retrain(args.outcomes, args.current, args.out, cfg)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1))
+    if report.get("current_error"):
+        print(f"note: the current selector could not be used: {report['current_error']}", file=sys.stderr)
+    return 0 if report["written"] else 3
+
+
+def _eval_selector(args) -> int:
+    from metaspec.selector.report import evaluate_outcomes, format_table, write
+
+    try:
+        result = evaluate_outcomes(args.outcomes, _csv(args.kinds) or ("rf", "gb", "knn", "ridge"), args.folds,
+                                   args.seed, loco=not args.no_loco, embed_dims=args.embed_dims)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    paths = write(result, Path(args.out))
+    print(format_table(result))
+    print("\n" + "  ".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0
+
+
+def _add_selector_commands(sub) -> None:
+    p = sub.add_parser("collect", help="run every arm on the shared prompts and write selector outcome records")
+    _add_model_options(p)
+    p.add_argument("--out", default="data/selector/outcomes-collect.jsonl", help="outcome log (JSONL) to write")
+    p.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
+    p.add_argument("--arms", default=None, help="comma list of arms (default: every arm the engine can run)")
+    p.add_argument("--categories", default=None, help="comma list (default: Spec-Bench groups, humaneval, gsm8k, "
+                                                      "json_schema)")
+    p.add_argument("--n-per-category", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperatures", default="0", help="comma list; each prompt runs once per temperature")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (default: emit max-tokens every run)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--pool", default="local", help="pool name written in the records")
+    p.add_argument("--hardware", default=None, help="pool hardware profile as JSON (default: this machine)")
+    p.set_defaults(func=_collect)
+
+    p = sub.add_parser("retrain", help="fit a selector on outcome logs; write it only if not worse than --current")
+    p.add_argument("--outcomes", nargs="+", required=True, help="outcome JSONL files or folders of them")
+    p.add_argument("--current", default=None, help="the selector in use (compared on the same held-out prompts)")
+    p.add_argument("--out", required=True, help="where the new selector file is written")
+    p.add_argument("--kinds", default=None, help="comma list of rf,gb,knn,ridge (default: all)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--holdout-share", type=float, default=0.2)
+    p.add_argument("--tolerance", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_retrain)
+
+    p = sub.add_parser("eval-selector", help="selector vs oracle and fixed arms on held-out prompts: JSON/table/PNG")
+    p.add_argument("--outcomes", nargs="+", required=True, help="outcome JSONL files or folders (collect runs)")
+    p.add_argument("--kinds", default=None, help="comma list of rf,gb,knn,ridge (default: all)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-loco", action="store_true", help="skip leave-one-category-out")
+    p.add_argument("--embed-dims", type=int, default=0, help="also measure N PCA dims of a MiniLM prompt embedding")
+    p.add_argument("--out", default="runs/eval-selector", help="output folder")
+    p.set_defaults(func=_eval_selector)
+
+
+# ---- serving: `serve`, `outcomes gather`, and `generate --server` --------------------------------------------
+
+def _add_server_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default=None, metavar="HOST:PORT",
+                   help="send the request to a running service over gRPC instead of loading models here")
+    p.add_argument("--api-key", default=None, help="API key for --server (sent as x-api-key metadata)")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds for --server")
+
+
+def _generate_remote(args) -> int:
+    from metaspec.protocol.client import Client, ServiceError
+
+    if args.compare:
+        print("error: --compare runs locally; drop --server", file=sys.stderr)
+        return 2
+    final = None
+    try:
+        with Client(args.server, api_key=args.api_key, timeout_s=args.timeout) as client:
+            for reply in client.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                       seed=args.seed, method=args.method or ""):
+                print(reply.text, end="", flush=True)
+                final = reply if reply.finish_reason else final
+    except ServiceError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 2
+    print()
+    if final is not None:
+        t, a = final.timings, final.acceptance
+        print(f"[{final.method} on {final.pool} ({final.reason}) | {final.completion_tokens} tokens, "
+              f"{t.get('tokens_per_s', 0):.1f} tok/s, ttft {1000 * t.get('ttft_s', 0):.1f} ms, "
+              f"acceptance length {a.get('acceptance_length', 1):.2f}, finish {final.finish_reason}"
+              f"{', fallback: ' + final.fallback if final.fallback else ''}]")
+    return 0
+
+
+def _serve(args) -> int:
+    from dataclasses import replace
+
+    from metaspec.deploy.app import DEFAULT_YAML, load_serve_file, missing_checkpoints, serve_until_interrupted
+
+    path = args.config or DEFAULT_YAML
+    try:
+        cfg, opts = load_serve_file(path)
+    except (ValueError, OSError) as exc:   # pydantic's ValidationError is a ValueError
+        print(f"error: {path}: {exc}", file=sys.stderr)
+        return 2
+    opts = replace(opts, grpc_port=args.grpc_port or opts.grpc_port)
+    if not args.address and (missing := missing_checkpoints(cfg)):
+        print(f"error: checkpoints not found: {', '.join(missing)} (run `metaspec train` or set the pool's "
+              "target/drafter in the config)", file=sys.stderr)
+        return 2
+    serve_until_interrupted(cfg, opts, address=args.address, num_cpus=args.num_cpus)
+    return 0
+
+
+def _outcomes_gather(args) -> int:
+    from metaspec.workers.outcome_log import gather_cluster, merge, outcome_files, read_outcomes
+
+    try:
+        if args.address:
+            import ray
+
+            ray.init(address=args.address)
+            outcomes = gather_cluster(args.dir)
+        else:
+            outcomes = read_outcomes(outcome_files(args.dir))
+        count = merge(outcomes, args.out)
+    except (ValueError, OSError, ConnectionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{count} outcome records -> {args.out}")
+    return 0
+
+
+def _add_serving_commands(sub) -> None:
+    p = sub.add_parser("serve", help="start the gRPC service (Ray Serve) on a loopback Ray or a given cluster")
+    p.add_argument("--config", default=None, help="Serve config YAML (default: the shipped deploy/metaspec.yaml)")
+    p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: the config's)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray on loopback)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: enough for the pools)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("outcomes", help="outcome log tools")
+    osub = p.add_subparsers(dest="outcomes_command", required=True)
+    g = osub.add_parser("gather", help="merge the per-node outcome logs into one JSONL file")
+    g.add_argument("--dir", default="~/.metaspec/outcomes", help="outcome directory (on every node)")
+    g.add_argument("--out", required=True, help="merged JSONL file to write")
+    g.add_argument("--address", default=None, help="Ray cluster address: read --dir on every alive node")
+    g.set_defaults(func=_outcomes_gather)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaspec", description=__doc__)
@@ -32,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drafter-minutes", type=float, default=15.0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_train)
+    _add_generate(sub)
+    _add_bench(sub)
+    _add_selector_commands(sub)
+    _add_serving_commands(sub)
     return parser
 
 

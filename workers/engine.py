@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .constraint import ConstraintConfig, ConstraintSpec, GrammarCompiler
 from .decode import decode
 from .model import Model, ModelConfig, load_model
 from .registry import ArmContext, arms, build
@@ -23,6 +24,7 @@ class EngineConfig:
     tokenizer: str | None = None             # tokenizer path; None = the target's
     k_max: int = 8                           # longest draft any arm may propose in one step
     default_method: str = "sps"              # arm used when a request names none and no selector is attached
+    constraints: ConstraintConfig = ConstraintConfig()  # grammar compile limits, cache, fast-forward
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Request:
     prompt_ids: tuple[int, ...] | None = None          # pre-tokenised prompt
     params: SamplingParams = field(default_factory=SamplingParams)
     method: str | None = None                          # arm name; None = automatic
+    constraint: ConstraintSpec | None = None           # output grammar (JSON Schema, regex, Lark); None = free text
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Engine:
         self.resources = dict(resources or {})
         eos = self.tokenizer.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.grammars = GrammarCompiler(self.tokenizer, self.target.vocab_size, self.eos_ids, cfg.constraints)
         if cfg.default_method not in arms():
             raise ValueError(f"default_method {cfg.default_method!r} is not a registered arm")
 
@@ -94,12 +98,14 @@ class Engine:
         params = request.params
         capacity = min(self.target.max_context, len(ids) + params.max_tokens + self.cfg.k_max + 1)
         generator = make_generator(params.seed)
+        constraint = self.grammars.start(request.constraint, params, tuple(ids)) if request.constraint else None
         session = self.target.session(capacity)
         ctx = ArmContext(target=self.target, params=params, generator=generator, drafter=self.drafter,
                          target_session=session, resources=self.resources)
         proposer = build(method, ctx)
         stats, out, text, sent, finish, ttft = DecodeStats(), [], "", 0, "length", None
-        for emitted in decode(session, proposer, ids, params, generator, self.eos_ids, capacity, self.cfg.k_max, stats):
+        for emitted in decode(session, proposer, ids, params, generator, self.eos_ids, capacity, self.cfg.k_max, stats,
+                              constraint):
             ttft = ttft if ttft is not None else time.perf_counter() - t_start
             out.extend(emitted)
             text = self.tokenizer.decode(out, skip_special_tokens=True)
@@ -113,6 +119,8 @@ class Engine:
             sent = max(sent, final)
             if cut is not None:
                 break
+        if constraint is not None:
+            constraint.close()
         wall = time.perf_counter() - t_start
         s = asdict(stats) | {"acceptance_length": stats.acceptance_length, "acceptance_rate": stats.acceptance_rate}
         if sent < len(text):

@@ -1,0 +1,164 @@
+"""The Ray Serve application: one DecodeWorker deployment per pool behind one Router, with native gRPC ingress.
+
+    serve run deploy/metaspec.yaml             # Ray Serve's CLI (the YAML names `build_app` in import_path)
+    metaspec serve --config deploy/metaspec.yaml
+
+`build_app(args)` is the Ray Serve LLM-style builder: `args` is the YAML application's `args` block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from metaspec.workers.store import RedisConfig, StoreConfig
+from metaspec.workers.worker import DecodeWorker, worker_config
+
+from .config import AppConfig, PoolSpec, TablesSpec, load_app_config
+from .router import Router
+
+GRPC_SERVICER = "metaspec.protocol.convert.add_MetaSpecServicer_to_server"   # generated one + lenient parsing
+MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"   # Ray reads the proxy's gRPC message limit from this
+DEFAULT_YAML = Path(__file__).resolve().parent / "metaspec.yaml"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Serve-level (not application-level) settings: the top of the YAML."""
+
+    grpc_port: int = 9000                    # gRPC ingress port (every node with a proxy)
+    http_port: int = 8000                    # Serve's HTTP proxy port (unused by metaspec; must be free)
+    http_host: str = "127.0.0.1"
+    proxy_location: str = "EveryNode"        # a gRPC proxy on every node: no single ingress bottleneck
+    max_message_bytes: int = 4 << 20         # gRPC messages above this get RESOURCE_EXHAUSTED at the proxy
+    request_timeout_s: float | None = None   # end-to-end limit Serve enforces (DEADLINE_EXCEEDED); None = none
+    app_name: str = "metaspec"
+    controller_env: dict[str, str] = field(default_factory=dict)  # further Ray Serve settings for the controller
+                                                                  # (e.g. RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """The builder named by the YAML's import_path (`metaspec.deploy.app:build_app`)."""
+    return build_application(load_app_config(args))
+
+
+def build_application(cfg: AppConfig) -> Application:
+    workers = {pool.name: _worker(pool) for pool in cfg.pools}
+    r = cfg.router
+    spread = {"max_replicas_per_node": r.max_replicas_per_node} if r.max_replicas_per_node else {}
+    router = Router.options(num_replicas=r.num_replicas, max_ongoing_requests=r.max_ongoing_requests,
+                            max_queued_requests=r.max_queued_requests, **spread)
+    return router.bind(r, cfg.pools, workers)
+
+
+def _worker(pool: PoolSpec) -> Application:
+    actor: dict[str, Any] = {"num_cpus": pool.threads if pool.num_cpus is None else pool.num_cpus}
+    if pool.num_gpus:
+        actor["num_gpus"] = pool.num_gpus
+    if pool.resources:
+        actor["resources"] = dict(pool.resources)
+    cfg = worker_config(pool.name, pool.target, pool.drafter, pool.tokenizer, pool.dtype, pool.device, pool.threads,
+                        pool.k_max, store_config(pool.tables))
+    return DecodeWorker.options(name=f"DecodeWorker-{pool.name}", num_replicas=pool.num_replicas,
+                                max_ongoing_requests=pool.max_ongoing_requests,
+                                max_queued_requests=pool.max_queued_requests, ray_actor_options=actor).bind(cfg)
+
+
+def store_config(tables: TablesSpec | None) -> StoreConfig | None:
+    if tables is None:
+        return None
+    return StoreConfig(redis=RedisConfig(url=tables.redis_url, username=tables.redis_username,
+                                         password=tables.redis_password, tls=tables.redis_tls,
+                                         tls_ca_file=tables.redis_tls_ca_file))
+
+
+def start(cfg: AppConfig, opts: ServeOptions) -> None:
+    """Start Serve's proxies and controller (Ray must be initialised) and deploy the app; returns when ready."""
+    from ray.serve.config import gRPCOptions
+
+    serve.start(
+        proxy_location=opts.proxy_location,
+        http_options={"host": opts.http_host, "port": opts.http_port},
+        grpc_options=gRPCOptions(port=opts.grpc_port, grpc_servicer_functions=[GRPC_SERVICER],
+                                 request_timeout_s=opts.request_timeout_s),
+        controller_options={"runtime_env": {"env_vars": opts.controller_env | {
+            MAX_MESSAGE_ENV: str(opts.max_message_bytes)}}},
+    )
+    serve.run(build_application(cfg), name=opts.app_name, blocking=False)
+
+
+def load_serve_file(path: str | Path) -> tuple[AppConfig, ServeOptions]:
+    """Read a Serve config YAML (like deploy/metaspec.yaml): the first application's args and the Serve options."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    apps = data.get("applications") or [{}]
+    app = apps[0]
+    if app.get("import_path", "metaspec.deploy.app:build_app") != "metaspec.deploy.app:build_app":
+        raise ValueError(f"{path}: the application's import_path must be metaspec.deploy.app:build_app")
+    grpc = data.get("grpc_options") or {}
+    http = data.get("http_options") or {}
+    env = ((data.get("controller_options") or {}).get("runtime_env") or {}).get("env_vars") or {}
+    defaults = ServeOptions()
+    opts = ServeOptions(grpc_port=int(grpc.get("port", defaults.grpc_port)),
+                        http_port=int(http.get("port", defaults.http_port)),
+                        http_host=str(http.get("host", defaults.http_host)),
+                        proxy_location=str(data.get("proxy_location", defaults.proxy_location)),
+                        max_message_bytes=int(env.get(MAX_MESSAGE_ENV, defaults.max_message_bytes)),
+                        request_timeout_s=grpc.get("request_timeout_s"),
+                        app_name=str(app.get("name", defaults.app_name)),
+                        controller_env={str(k): str(v) for k, v in env.items() if k != MAX_MESSAGE_ENV})
+    return load_app_config(app.get("args")), opts
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def missing_checkpoints(cfg: AppConfig) -> list[str]:
+    """Local checkpoint directories the config names that do not exist (checked before a local deploy)."""
+    paths = [p for pool in cfg.pools for p in (pool.target, pool.drafter, pool.tokenizer) if p]
+    return sorted({p for p in paths if not Path(p).is_dir()})
+
+
+def local_cpus(cfg: AppConfig) -> int:
+    """Logical CPUs a loopback Ray needs: every replica's CPUs (and at least this machine's count)."""
+    import math
+    import os
+
+    need = sum((p.threads if p.num_cpus is None else p.num_cpus) * p.num_replicas for p in cfg.pools)
+    return max(os.cpu_count() or 1, math.ceil(need))
+
+
+def serve_until_interrupted(cfg: AppConfig, opts: ServeOptions, address: str | None = None,
+                            num_cpus: int | None = None) -> None:
+    """`metaspec serve`: join `address` (or start a loopback Ray), deploy, print the address, block until Ctrl-C
+    (or SIGTERM), then shut Serve and Ray down."""
+    import signal
+    import time
+
+    import ray
+
+    signal.signal(signal.SIGTERM, _interrupt)
+
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus or local_cpus(cfg), include_dashboard=False)
+    try:
+        start(cfg, opts)
+        pools = ", ".join(f"{p.name} ({p.num_replicas}x{p.threads} threads)" for p in cfg.pools)
+        print(f"metaspec is serving gRPC on 127.0.0.1:{opts.grpc_port} — pools: {pools}", flush=True)
+        print(f"try: metaspec generate --server 127.0.0.1:{opts.grpc_port} \"def fibonacci(n):\"  (Ctrl-C stops)",
+              flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()

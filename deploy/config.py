@@ -1,0 +1,190 @@
+"""Deployment config: pydantic models at the YAML edge, converted once into frozen dataclasses.
+
+The YAML (deploy/metaspec.yaml) is a Ray Serve config file; its application's `args` are an `AppModel`:
+
+    pools:
+      - name: cpu
+        threads: 1
+        num_replicas: 1
+        hardware: {accelerator: cpu, rel_speed: 1.0}
+    router: {num_replicas: 1, default_max_tokens: 128, max_tokens_limit: 1024}
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+import metaspec
+
+CHECKPOINTS = Path(metaspec.__file__).resolve().parent / "checkpoints"   # the shipped target and drafter
+
+
+# ---- the frozen dataclasses the code uses ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TablesSpec:
+    """The shared n-gram / Token Recycling tables (arms `ngram_store`, `recycling`), synced through Redis."""
+
+    redis_url: str | None = None                # None = tables local to each replica, nothing shared
+    redis_username: str | None = None           # ACL user
+    redis_password: str | None = field(default=None, repr=False)  # a secret from this config, never hard-coded
+    redis_tls: bool = False                     # TLS even for a redis:// URL
+    redis_tls_ca_file: str | None = None        # CA bundle for the server's certificate
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """One worker pool: a model pair on one hardware profile, served by identical DecodeWorker replicas."""
+
+    name: str                                   # pool name, unique in the app ("cpu", "a10g"...)
+    target: str                                 # target checkpoint directory (HF format)
+    drafter: str | None                         # drafter checkpoint sharing the tokenizer; None = no draft model
+    tokenizer: str | None = None                # tokenizer directory; None = the target's
+    dtype: str = "float32"                      # compute dtype of both models
+    device: str = "cpu"                         # torch device inside the replica
+    threads: int = 1                            # torch intra-op threads per replica
+    k_max: int = 8                              # longest draft per step
+    num_replicas: int = 1                       # replicas of this pool
+    max_ongoing_requests: int = 4               # requests one replica interleaves (decode steps round-robin)
+    max_queued_requests: int = 16               # per caller; beyond this the router answers RESOURCE_EXHAUSTED
+    hardware: dict[str, Any] = field(default_factory=dict)       # profile the selector sees (accelerator...)
+    num_cpus: float | None = None               # Ray CPUs per replica; None = threads
+    num_gpus: float = 0.0                       # Ray GPUs per replica
+    resources: dict[str, float] = field(default_factory=dict)    # custom Ray resources (node type, accelerator)
+    tables: TablesSpec | None = TablesSpec()    # shared tables; None = the table-driven arms are unavailable
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    num_replicas: int = 1                       # one per node on a cluster (with proxy_location: EveryNode)
+    max_replicas_per_node: int | None = None    # 1 spreads the routers over nodes; each proxy prefers its node's
+    max_ongoing_requests: int = 256             # requests one router replica holds at once
+    max_queued_requests: int = 512              # per proxy; beyond this the proxy answers RESOURCE_EXHAUSTED
+    default_max_tokens: int = 128               # when a request leaves max_tokens unset
+    max_tokens_limit: int = 2048                # requests asking for more get INVALID_ARGUMENT
+    max_prompt_chars: int = 200_000             # longer text prompts get INVALID_ARGUMENT before tokenizing
+    methods: tuple[str, ...] = ("sps", "pld", "ar")   # fixed policy: first method the chosen pool can run
+    selector: str = "fixed"                     # "fixed" (the policy above), "default" (the shipped learnt
+                                                # selector; fixed without one) or a selector model file
+    explore: float = 0.05                       # share of requests the learnt selector sends to another arm
+    outcome_dir: str = "~/.metaspec/outcomes"   # per-node directory of the outcome log (expanded on the node)
+    outcome_max_bytes: int = 64 << 20           # rotate an outcome file past this size
+    outcome_fsync: bool = True                  # sync each record to disk before replying (False: the write only,
+                                                # which survives process kills but not power loss)
+    api_key_hashes: tuple[str, ...] = ()        # sha256 hex digests of accepted API keys; empty = no auth
+    health_timeout_s: float = 5.0               # a pool that does not answer Health within this is not ok
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    pools: tuple[PoolSpec, ...]
+    router: RouterSpec = RouterSpec()
+
+
+def hash_api_key(key: str) -> str:
+    """The digest to list under router.api_key_hashes for `key`."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+# ---- pydantic at the YAML edge ------------------------------------------------------------------------------
+
+class TablesModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    redis_url: str | None = Field(default=None, pattern=r"^rediss?://")
+    redis_username: str | None = None
+    redis_password: SecretStr | None = None
+    redis_tls: bool = False
+    redis_tls_ca_file: str | None = None
+
+    def to_spec(self) -> TablesSpec:
+        secret = self.redis_password.get_secret_value() if self.redis_password is not None else None
+        return TablesSpec(**(self.model_dump(exclude={"redis_password"}) | {"redis_password": secret}))
+
+
+class PoolModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    target: str | None = None                   # None = the shipped target
+    drafter: str | None = None                  # None = the shipped drafter; "" = no drafter
+    tokenizer: str | None = None
+    dtype: str = Field(default="float32", pattern=r"^(float32|bfloat16|float16)$")
+    device: str = "cpu"
+    threads: int = Field(default=1, ge=1)
+    k_max: int = Field(default=8, ge=1, le=64)
+    num_replicas: int = Field(default=1, ge=1)
+    max_ongoing_requests: int = Field(default=4, ge=1)
+    max_queued_requests: int = Field(default=16, ge=-1)
+    hardware: dict[str, str | float] = Field(default_factory=dict)
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    tables: TablesModel | None = Field(default_factory=TablesModel)   # null = no shared tables
+
+    def to_spec(self) -> PoolSpec:
+        target = self.target or str(CHECKPOINTS / "target")
+        drafter = str(CHECKPOINTS / "drafter") if self.drafter is None else (self.drafter or None)
+        fields = self.model_dump(exclude={"target", "drafter", "tables"})
+        tables = self.tables.to_spec() if self.tables is not None else None
+        return PoolSpec(target=target, drafter=drafter, tables=tables, **fields)
+
+
+class RouterModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(default=1, ge=1)
+    max_replicas_per_node: int | None = Field(default=None, ge=1)
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    max_queued_requests: int = Field(default=512, ge=-1)
+    default_max_tokens: int = Field(default=128, ge=1)
+    max_tokens_limit: int = Field(default=2048, ge=1)
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+    methods: list[str] = Field(default_factory=lambda: ["sps", "pld", "ar"], min_length=1)
+    selector: str = Field(default="fixed", min_length=1)
+    explore: float = Field(default=0.05, ge=0, le=1)
+    outcome_dir: str = "~/.metaspec/outcomes"
+    outcome_max_bytes: int = Field(default=64 << 20, ge=1024)
+    outcome_fsync: bool = True
+    api_key_hashes: list[str] = Field(default_factory=list)
+    health_timeout_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RouterModel":
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must be <= max_tokens_limit")
+        bad = [h for h in self.api_key_hashes if len(h) != 64 or any(c not in "0123456789abcdef" for c in h)]
+        if bad:
+            raise ValueError("api_key_hashes must be lowercase sha256 hex digests (see deploy.config.hash_api_key)")
+        return self
+
+    def to_spec(self) -> RouterSpec:
+        data = self.model_dump()
+        return RouterSpec(**(data | {"methods": tuple(self.methods), "api_key_hashes": tuple(self.api_key_hashes)}))
+
+
+class AppModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pools: list[PoolModel] = Field(default_factory=lambda: [PoolModel(name="cpu")], min_length=1)
+    router: RouterModel = Field(default_factory=RouterModel)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "AppModel":
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"pool names must be unique, got {names}")
+        return self
+
+    def to_config(self) -> AppConfig:
+        return AppConfig(tuple(p.to_spec() for p in self.pools), self.router.to_spec())
+
+
+def load_app_config(args: dict[str, Any] | None) -> AppConfig:
+    """Validate a YAML application's `args` (raises pydantic.ValidationError with every problem listed)."""
+    return AppModel.model_validate(args or {}).to_config()

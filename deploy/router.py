@@ -1,0 +1,359 @@
+"""The Router: the Serve deployment behind the gRPC ingress. Methods are named after the RPCs of metaspec.proto.
+
+Per request: protobuf -> GenerateCall (protocol.convert) -> checks -> (pool, method) from the policy -> the pool's
+DecodeWorker through a DeploymentHandle (streaming for GenerateStream) -> outcome fsync'ed to the outcome log ->
+final reply. Errors become gRPC status codes (see `status_of`); the router keeps serving after each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import grpc
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from metaspec.protocol import convert
+from metaspec.protocol.client import API_KEY_HEADER
+from metaspec.protocol.types import (GenerateCall, Health, MethodInfo, PoolDescription, PoolHealth, Reply,
+                                     ServiceInfo)
+from metaspec.selector.types import Choice, Outcome, PoolInfo
+from metaspec.workers.engine import Chunk, Result
+from metaspec.workers.outcome_log import OutcomeLog, OutcomeLogConfig
+from metaspec.workers.types import RequestError
+from metaspec.workers.worker import WorkerInfo, registered_methods
+
+from .config import PoolSpec, RouterSpec
+from .metrics import ServiceMetrics
+from .policy import FixedPolicy, Policy, check_call, pick
+
+logger = logging.getLogger("ray.serve")
+
+
+class Status(Exception):
+    """A gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def status_of(exc: BaseException) -> Status:
+    """Map an exception from checks or from a worker call to the status the client sees."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, Status):
+        return exc
+    exc = _cause(exc)
+    if isinstance(exc, RequestError):
+        return Status(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, BackPressureError):
+        return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "the pool's queue is full; retry later")
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)):
+        return Status(grpc.StatusCode.UNAVAILABLE, f"the worker serving this request is unavailable: {type(exc).__name__}")
+    return Status(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
+def make_policy(spec: RouterSpec, pools: tuple[PoolSpec, ...]) -> Policy:
+    """The fixed policy, or the learnt selector (with the pools' tokenizer, for its prompt features)."""
+    if spec.selector == "fixed":
+        return FixedPolicy(spec.methods)
+    from transformers import AutoTokenizer
+
+    from metaspec.selector import SelectorConfig, load_selector
+
+    tokenizer = AutoTokenizer.from_pretrained(pools[0].tokenizer or pools[0].target)
+    path = None if spec.selector == "default" else spec.selector
+    selector, error = load_selector(path, SelectorConfig(epsilon=spec.explore), tokenizer=tokenizer)
+    if error:
+        logger.error("selector %s not loaded (%s); using %s", spec.selector, error, type(selector).__name__)
+    return selector
+
+
+def _replica_lost(exc: BaseException) -> bool:
+    """The worker replica died or became unreachable (as opposed to the request failing on it)."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    return isinstance(exc, (RayActorError, ActorUnavailableError))
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The user exception inside a RayTaskError (whose str() is a whole remote traceback)."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(exc, RayTaskError) and exc.cause is not None and exc.cause is not exc:
+        exc = exc.cause
+    return exc
+
+
+@serve.deployment(name="Router", ray_actor_options={"num_cpus": 0})
+class Router:
+    def __init__(self, spec: RouterSpec, pools: tuple[PoolSpec, ...], workers: dict[str, DeploymentHandle],
+                 policy: Policy | None = None) -> None:
+        self.spec = spec
+        self.pools = {p.name: p for p in pools}
+        self.workers = workers
+        self.policy: Policy = policy or make_policy(spec, pools)
+        self.log = OutcomeLog(OutcomeLogConfig(spec.outcome_dir, spec.outcome_max_bytes, fsync=spec.outcome_fsync))
+        self.metrics = ServiceMetrics()
+        self._infos: dict[str, WorkerInfo] = {}
+        self._inflight = {name: 0 for name in self.pools}
+        self._key_hashes = tuple(spec.api_key_hashes)
+
+    # ---- RPCs ----------------------------------------------------------------------------------------------
+    async def Generate(self, msg: Any, grpc_context=None) -> Any:
+        t0 = time.perf_counter()
+        try:
+            call, choice, rid = await self._admit(msg, grpc_context)
+        except Exception as exc:
+            return self._refuse(grpc_context, status_of(exc))
+        request = dataclasses.replace(call.request, method=choice.method)
+        self._enter(choice.pool)
+        try:
+            result = await self._worker_generate(choice.pool, request, rid)
+        except asyncio.CancelledError:
+            await self._record(call, choice, rid, "CANCELLED", t0)
+            raise
+        except Exception as exc:
+            status = status_of(exc)
+            await self._record(call, choice, rid, status.code.name, t0)
+            return self._refuse(grpc_context, status, counted=True)
+        finally:
+            self._leave(choice.pool)
+        wall = time.perf_counter() - t0
+        ttft = (wall - result.wall_s) + result.ttft_s   # router overhead before the worker started + worker ttft
+        await self._record(call, choice, rid, "OK", t0, result, ttft)
+        return convert.reply_to_proto(final_reply(result, choice, rid, ttft, wall, whole=True))
+
+    async def GenerateStream(self, msg: Any, grpc_context=None) -> AsyncIterator[Any]:
+        t0 = time.perf_counter()
+        try:
+            call, choice, rid = await self._admit(msg, grpc_context)
+        except Exception as exc:
+            self._abort(grpc_context, status_of(exc))
+        request = dataclasses.replace(call.request, method=choice.method)
+        self._enter(choice.pool)
+        done = [False]   # set once the OK outcome is recorded
+        try:
+            async with aclosing(self._worker_stream(choice.pool, request, rid)) as items:
+                async for reply in self._relay(items, call, choice, rid, t0, done):
+                    yield reply
+        except (asyncio.CancelledError, GeneratorExit):
+            if not done[0]:
+                await self._record(call, choice, rid, "CANCELLED", t0)
+            raise
+        except Exception as exc:
+            status = status_of(exc)
+            await self._record(call, choice, rid, status.code.name, t0)
+            self._abort(grpc_context, status, counted=True)
+        finally:
+            self._leave(choice.pool)
+
+    async def _relay(self, items: AsyncIterator[Chunk | Result], call: GenerateCall, choice: Choice, rid: str,
+                     t0: float, done: list[bool]) -> AsyncIterator[Any]:
+        """Worker items -> reply messages; the outcome is on disk before the final message goes out."""
+        ttft = None
+        async for item in items:
+            if isinstance(item, Chunk):
+                first = ttft is None
+                ttft = time.perf_counter() - t0 if first else ttft
+                yield convert.reply_to_proto(chunk_reply(item, choice, rid, with_choice=first))
+                continue
+            wall = time.perf_counter() - t0
+            done[0] = True
+            await self._record(call, choice, rid, "OK", t0, item, ttft or wall)
+            yield convert.reply_to_proto(final_reply(item, choice, rid, ttft or wall, wall, whole=False))
+
+    async def Health(self, msg: Any, grpc_context=None) -> Any:
+        async def one(name: str) -> PoolHealth:
+            try:
+                await asyncio.wait_for(self.workers[name].ping.remote(), self.spec.health_timeout_s)
+                return PoolHealth(name, True)
+            except Exception as exc:   # a pool that cannot answer is reported, not raised
+                return PoolHealth(name, False, f"{type(exc).__name__}: {exc}"[:500])
+
+        pools = tuple(await asyncio.gather(*(one(n) for n in self.pools)))
+        return convert.health_to_proto(Health(all(p.ok for p in pools), pools))
+
+    async def ListMethods(self, msg: Any, grpc_context=None) -> Any:
+        try:
+            self._authorize(grpc_context)
+        except Status as status:
+            return self._refuse(grpc_context, status, reply=convert.service_info_to_proto(_EMPTY_INFO))
+        return convert.service_info_to_proto(await self.service_info())
+
+    # ---- pieces --------------------------------------------------------------------------------------------
+    async def _worker_generate(self, pool: str, request, rid: str) -> Result:
+        """The worker's unary generate; a replica lost before answering is retried once (nothing was sent)."""
+        for attempt in (1, 2):
+            response = self.workers[pool].generate.remote(request, rid)
+            try:
+                return await response
+            except BaseException as exc:
+                if attempt == 1 and _replica_lost(exc):
+                    logger.warning("request %s: replica of pool %s lost (%s); retrying once", rid, pool,
+                                   type(exc).__name__)
+                    continue
+                response.cancel()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _worker_stream(self, pool: str, request, rid: str) -> AsyncIterator[Chunk | Result]:
+        """The worker's stream; a replica lost before its first item is retried once. Closing this generator
+        cancels the worker's request."""
+        for attempt in (1, 2):
+            stream = self.workers[pool].options(stream=True).stream.remote(request, rid)
+            sent = False
+            try:
+                async for item in stream:
+                    sent = True
+                    yield item
+                return
+            except BaseException as exc:
+                if attempt == 1 and not sent and _replica_lost(exc):
+                    logger.warning("request %s: replica of pool %s lost (%s); retrying once", rid, pool,
+                                   type(exc).__name__)
+                    continue
+                stream.cancel()
+                raise
+
+    async def service_info(self) -> ServiceInfo:
+        methods = tuple(MethodInfo(n, d, r) for n, (d, r) in registered_methods().items())
+        infos = await self._pool_infos()
+        pools = tuple(PoolDescription(p.name, infos[p.name].methods if p.name in infos else (),
+                                      {k: str(v) for k, v in p.hardware.items()}, p.target, p.drafter or "",
+                                      p.num_replicas, infos[p.name].max_context if p.name in infos else 0)
+                      for p in self.pools.values())
+        return ServiceInfo(methods, pools, getattr(self.policy, "version", "unknown"), self.spec.max_tokens_limit,
+                           self.spec.default_max_tokens)
+
+    async def _admit(self, msg: Any, grpc_context) -> tuple[GenerateCall, Choice, str]:
+        """Authorize, convert, check and choose; raises what `status_of` maps."""
+        self._authorize(grpc_context)
+        call = convert.call_from_proto(msg, self.spec.default_max_tokens)
+        check_call(call, self.spec.max_tokens_limit, self.spec.max_prompt_chars)
+        infos = await self._pool_infos()
+        if not infos:
+            raise Status(grpc.StatusCode.UNAVAILABLE, "no worker pool is reachable")
+        pools = [PoolInfo(n, i.methods, dict(self.pools[n].hardware), self._load(n)) for n, i in infos.items()]
+        choice = pick(self.policy, call.request, pools)
+        self.metrics.chosen(choice)
+        return call, choice, call.request_id or uuid.uuid4().hex
+
+    async def _pool_infos(self) -> dict[str, WorkerInfo]:
+        """Each pool's WorkerInfo, asked once per pool (a pool that does not answer is asked again next time)."""
+        missing = [n for n in self.pools if n not in self._infos]
+        if missing:
+            async def ask(name: str) -> None:
+                try:
+                    self._infos[name] = await asyncio.wait_for(self.workers[name].info.remote(),
+                                                               self.spec.health_timeout_s)
+                except Exception as exc:
+                    logger.warning("pool %s did not describe itself: %s", name, exc)
+            await asyncio.gather(*(ask(n) for n in missing))
+        return {n: self._infos[n] for n in self.pools if n in self._infos}
+
+    def _authorize(self, grpc_context) -> None:
+        if not self._key_hashes:
+            return
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
+        key = metadata.get(API_KEY_HEADER)
+        peer = grpc_context.peer() if grpc_context is not None else "?"
+        if not key:
+            logger.warning("refused a request without an API key from %s", peer)
+            raise Status(grpc.StatusCode.UNAUTHENTICATED, f"missing API key (send it as `{API_KEY_HEADER}` metadata)")
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        if not any(hmac.compare_digest(digest, h) for h in self._key_hashes):
+            logger.warning("refused a request with an unknown API key from %s", peer)   # never the key itself
+            raise Status(grpc.StatusCode.UNAUTHENTICATED, "invalid API key")
+
+    def _load(self, pool: str) -> float:
+        spec = self.pools[pool]
+        return self._inflight[pool] / max(1, spec.num_replicas * spec.max_ongoing_requests)
+
+    def _enter(self, pool: str) -> None:
+        self._inflight[pool] += 1
+        self.metrics.set_inflight(pool, self._inflight[pool])
+
+    def _leave(self, pool: str) -> None:
+        self._inflight[pool] -= 1
+        self.metrics.set_inflight(pool, self._inflight[pool])
+
+    async def _record(self, call: GenerateCall, choice: Choice, rid: str, status: str, t0: float,
+                      result: Result | None = None, ttft_s: float = 0.0) -> None:
+        """Append the outcome durably (before the reply leaves) and count it."""
+        outcome = make_outcome(call, choice, rid, status, time.perf_counter() - t0, result, ttft_s)
+        try:
+            await self.log.append_async(outcome)
+        except OSError as exc:   # a full disk must not take the service down; it is loud in the logs
+            logger.error("outcome log append failed: %s", exc)
+        self.metrics.finished(outcome)
+
+    def _refuse(self, grpc_context, status: Status, counted: bool = False, reply: Any = None) -> Any:
+        """Set the status on a unary call and return an empty reply."""
+        if not counted:
+            self.metrics.rejected(status.code.name)
+        if grpc_context is not None:
+            grpc_context.set_code(status.code)
+            grpc_context.set_details(status.message)
+        return reply if reply is not None else convert.reply_to_proto(Reply())
+
+    def _abort(self, grpc_context, status: Status, counted: bool = False) -> None:
+        """End a streaming call with a status: Serve carries a code set on the context along with the exception.
+
+        The exception travels to the proxy by pickle, so it is a builtin one.
+        """
+        self._refuse(grpc_context, status, counted)
+        raise RuntimeError(status.message)
+
+
+_EMPTY_INFO = ServiceInfo((), (), "", 0, 0)
+
+
+def chunk_reply(chunk: Chunk, choice: Choice, rid: str, with_choice: bool) -> Reply:
+    if not with_choice:
+        return Reply(text=chunk.text, token_ids=tuple(chunk.token_ids), request_id=rid)
+    return Reply(text=chunk.text, token_ids=tuple(chunk.token_ids), method=choice.method, pool=choice.pool,
+                 reason=choice.reason, scores=dict(choice.scores), selector_version=choice.selector_version,
+                 request_id=rid)
+
+
+def final_reply(result: Result, choice: Choice, rid: str, ttft_s: float, wall_s: float, whole: bool) -> Reply:
+    """The unary reply (whole=True) or the last stream message (text and token_ids left to the chunks)."""
+    s = result.stats
+    n = len(result.token_ids)
+    acceptance = {k: s[k] for k in ("acceptance_length", "acceptance_rate", "steps", "drafts", "drafted", "accepted")}
+    timings = {"ttft_s": ttft_s, "wall_s": wall_s, "tokens_per_s": n / wall_s if wall_s > 0 else 0.0,
+               "worker_wall_s": result.wall_s, "prefill_s": s.get("prefill_s", 0.0)}
+    return Reply(text=result.text if whole else "", token_ids=tuple(result.token_ids) if whole else (),
+                 finish_reason=result.finish_reason, method=result.method, pool=choice.pool, reason=choice.reason,
+                 scores=dict(choice.scores), selector_version=choice.selector_version, acceptance=acceptance,
+                 timings=timings, fallback=s.get("fallback") or "", request_id=rid,
+                 prompt_tokens=result.prompt_tokens, completion_tokens=n)
+
+
+def make_outcome(call: GenerateCall, choice: Choice, rid: str, status: str, wall_s: float,
+                 result: Result | None = None, ttft_s: float = 0.0) -> Outcome:
+    req, p = call.request, call.request.params
+    s = result.stats if result is not None else {}
+    n = len(result.token_ids) if result is not None else 0
+    prompt = req.prompt if req.prompt_ids is None else ",".join(map(str, req.prompt_ids))
+    return Outcome(
+        request_id=rid, ts=time.time(), source="service", pool=choice.pool, method=choice.method, status=status,
+        features=dict(choice.features), prompt_id=hashlib.sha256((prompt or "").encode()).hexdigest()[:16],
+        explored=choice.explored, reason=choice.reason, scores=dict(choice.scores),
+        selector_version=choice.selector_version, prompt_tokens=result.prompt_tokens if result else 0,
+        completion_tokens=n, ttft_s=ttft_s, wall_s=wall_s, tokens_per_s=n / wall_s if wall_s > 0 else 0.0,
+        acceptance_length=s.get("acceptance_length", 1.0), acceptance_rate=s.get("acceptance_rate", 0.0),
+        finish_reason=result.finish_reason if result else "", fallback=s.get("fallback"),
+        temperature=p.temperature, max_tokens=p.max_tokens, has_constraint=req.constraint is not None)

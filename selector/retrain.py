@@ -1,0 +1,101 @@
+"""`metaspec retrain`: outcome logs → the best model kind by grouped CV → compared with the current model on
+held-out prompts → written only when not worse.
+
+The held-out prompt groups are fixed by a hash of the prompt id (share and seed in RetrainConfig) and no
+written model ever trains on them, so every later retrain compares the current and the new model on prompts
+neither has seen.
+
+Score on held-out data: the routed throughput as a fraction of the oracle's on requests that every arm served
+(collect runs), or, when there are too few of those (a pure service log), minus the RMSE of predicted log
+tokens/s. Both models are scored on the same held-out rows, which the new model never saw.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .evaluate import argmax_policy, policy_metrics
+from .model import SelectorFileError, SelectorModel
+from .train import MODEL_KINDS, Table, build_table, by_request, fit_model, load_outcomes, oof_predictions, \
+    predict_table
+
+MIN_REQUESTS = 5           # complete requests needed to score by routing rather than by RMSE
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    kinds: tuple[str, ...] = MODEL_KINDS   # model kinds compared by grouped CV
+    n_splits: int = 5                      # CV folds (grouped by prompt id)
+    holdout_share: float = 0.2             # share of prompt groups held out to compare new vs current
+    tolerance: float = 0.0                 # the new model may score this much below the current one
+    seed: int = 0
+
+
+def score(pred: np.ndarray, table: Table) -> tuple[float, str]:
+    """(higher is better, metric name) of predictions on a table."""
+    requests = by_request(table)
+    if len(requests) >= MIN_REQUESTS:
+        return policy_metrics(table, requests, argmax_policy(table, requests, pred))["oracle_frac"], "oracle_frac"
+    ok = np.isfinite(pred)
+    return -float(np.sqrt(np.mean((pred[ok] - np.log(table.tps[ok])) ** 2))) if ok.any() else -np.inf, "neg_rmse"
+
+
+def choose_kind(table: Table, cfg: RetrainConfig) -> tuple[str, dict[str, float]]:
+    """The model kind with the best out-of-fold score, and every kind's score."""
+    scores = {k: score(oof_predictions(table, k, cfg.n_splits, cfg.seed), table)[0] for k in cfg.kinds}
+    return max(scores, key=scores.get), scores
+
+
+def holdout_mask(table: Table, share: float, seed: int) -> np.ndarray:
+    """[N] True for rows whose prompt group hashes into the held-out share (stable across runs and files)."""
+    cut = int(share * 1000)
+    return np.asarray([zlib.crc32(f"{seed}/{g}".encode()) % 1000 < cut for g in table.group], dtype=bool)
+
+
+def retrain(outcome_paths: list[str | Path], current: str | Path | None, out: str | Path,
+            cfg: RetrainConfig = RetrainConfig()) -> dict:
+    """Fit, compare with `current` on held-out prompts, write `out` only when not worse. Returns a report."""
+    t0 = time.perf_counter()
+    outcomes, bad = load_outcomes(outcome_paths)
+    table = build_table(outcomes)
+    report = {"records": len(outcomes), "unreadable_lines": bad, "usable": len(table), "skipped": table.skipped}
+    if len(table) < 10 or len(set(table.method.tolist())) < 2:
+        return report | {"written": False, "reason": "too little data: need >= 10 usable records and >= 2 arms"}
+    hold = holdout_mask(table, cfg.holdout_share, cfg.seed)
+    if hold.all() or not hold.any():
+        hold = np.zeros(len(table), bool)
+        hold[np.unique(table.group, return_inverse=True)[1] % 5 == 0] = True
+    train_t, hold_t = table.subset(np.flatnonzero(~hold)), table.subset(np.flatnonzero(hold))
+    kind, cv = choose_kind(train_t, cfg)
+    meta = {"cv_scores": cv, "holdout": {"share": cfg.holdout_share, "seed": cfg.seed},
+            "trained_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    new = fit_model(train_t, kind, cfg.seed, meta)
+    new_score, metric = score(predict_table(new, hold_t), hold_t)
+    report |= {"kind": kind, "cv_scores": cv, "metric": metric, "new_score": new_score,
+               "holdout_rows": len(hold_t)}
+    current_score, current_error = None, None
+    if current and Path(current).exists():
+        try:
+            current_score = score(predict_table(SelectorModel.load(current), hold_t), hold_t)[0]
+        except SelectorFileError as e:
+            current_error = str(e)
+    report |= {"current_score": current_score, "current_error": current_error}
+    if current_score is not None and new_score < current_score - cfg.tolerance:
+        return report | {"written": False, "reason": f"new {metric} {new_score:.4f} < current {current_score:.4f}",
+                         "wall_s": round(time.perf_counter() - t0, 2)}
+    new.meta |= {"holdout_score": new_score, "metric": metric}
+    new.save(out, _probe_rows(new, table))
+    return report | {"written": True, "out": str(out), "version": new.version,
+                     "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def _probe_rows(model: SelectorModel, table: Table, n: int = 32) -> np.ndarray:
+    from .train import design
+
+    x, _ = design(table, model.methods)
+    return x[np.linspace(0, len(x) - 1, min(n, len(x))).astype(int)]

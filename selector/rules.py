@@ -1,0 +1,118 @@
+"""Hard rules applied before any learning: which (pool, method) pairs may serve a request, each with a reason.
+
+A rule is a pure function `(method, arm, pool, request) -> str | None` that returns why the pair is refused, or
+None. `allowed` runs them in order; AR is always allowed (it needs nothing but the target every worker holds).
+
+>>> pool = PoolInfo("cpu", ("ar", "sps", "pearl"), {"devices": 1})
+>>> allowed("pearl", pool, has_constraint=False)
+(False, 'pearl needs an idle second device; pool cpu has 1')
+>>> allowed("ar", pool, has_constraint=True)
+(True, 'ar is always allowed')
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from .types import PoolInfo
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """What the router must know about an arm to rule on it (mirrors the workers' registry)."""
+
+    requires: frozenset[str] = frozenset()    # resources the arm cannot run without ("drafter", "ngram_store"...)
+    constraint_capable: bool = True           # may run under a grammar constraint (every arm, for now)
+
+
+# The router does not import torch; this table mirrors `workers.registry` (see `specs_from_registry`).
+DEFAULT_ARMS: dict[str, ArmSpec] = {
+    "ar": ArmSpec(),
+    "pld": ArmSpec(),
+    "sps": ArmSpec(frozenset({"drafter"})),
+    "pearl": ArmSpec(frozenset({"drafter", "second_device"})),
+    "recycling": ArmSpec(),
+    "ngram_store": ArmSpec(),
+    "early_exit": ArmSpec(),
+}
+ALWAYS_ALLOWED = "ar"
+
+
+def specs_from_registry() -> dict[str, ArmSpec]:
+    """The arm table read from the workers' registry (imports torch); unknown extras keep DEFAULT_ARMS' view."""
+    from metaspec.workers.registry import arms
+
+    table = dict(DEFAULT_ARMS)
+    for name, arm in arms().items():
+        extra = DEFAULT_ARMS.get(name, ArmSpec()).requires
+        table[name] = ArmSpec(frozenset(arm.requires) | extra)
+    return table
+
+
+Rule = Callable[[str, ArmSpec | None, PoolInfo, bool], "str | None"]
+
+
+def _known(method: str, arm: ArmSpec | None, pool: PoolInfo, has_constraint: bool) -> str | None:
+    return None if arm is not None else f"{method} is not a known arm"
+
+
+def _installed(method: str, arm: ArmSpec | None, pool: PoolInfo, has_constraint: bool) -> str | None:
+    return None if method in pool.methods else f"{method} is not installed on pool {pool.name}"
+
+
+def _resources(method: str, arm: ArmSpec | None, pool: PoolInfo, has_constraint: bool) -> str | None:
+    have = pool.hardware.get("resources")
+    if have is None:                          # the profile does not list them: trust `methods`
+        return None
+    missing = sorted(r for r in arm.requires - {"second_device"} if r not in str(have).split(","))
+    return f"{method} needs {', '.join(missing)}, which pool {pool.name} lacks" if missing else None
+
+
+def _tokenizer(method: str, arm: ArmSpec | None, pool: PoolInfo, has_constraint: bool) -> str | None:
+    if "drafter" not in arm.requires:
+        return None
+    target, drafter = pool.hardware.get("tokenizer"), pool.hardware.get("drafter_tokenizer")
+    if target is None or drafter is None or target == drafter:
+        return None
+    return f"{method}'s drafter on pool {pool.name} does not share the target's tokenizer"
+
+
+def _constraint(method: str, arm: ArmSpec | None, pool: PoolInfo, has_constraint: bool) -> str | None:
+    return None if not has_constraint or arm.constraint_capable else f"{method} cannot run under a constraint"
+
+
+def _second_device(method: str, arm: ArmSpec | None, pool: PoolInfo, has_constraint: bool) -> str | None:
+    if "second_device" not in arm.requires:
+        return None
+    idle = float(pool.hardware.get("idle_devices", float(pool.hardware.get("devices", 1)) - 1))
+    return None if idle >= 1 else f"{method} needs an idle second device; pool {pool.name} has {idle + 1:g}"
+
+
+RULES: tuple[Rule, ...] = (_known, _installed, _resources, _tokenizer, _constraint, _second_device)
+
+
+def allowed(method: str, pool: PoolInfo, has_constraint: bool,
+            arms: Mapping[str, ArmSpec] = DEFAULT_ARMS) -> tuple[bool, str]:
+    """(True, "ok") when `method` may serve this request on `pool`, else (False, the first rule's reason)."""
+    if method == ALWAYS_ALLOWED:
+        return True, f"{ALWAYS_ALLOWED} is always allowed"
+    arm = arms.get(method)
+    for rule in RULES:
+        if (reason := rule(method, arm, pool, has_constraint)) is not None:
+            return False, reason
+    return True, "ok"
+
+
+def candidates(pools: list[PoolInfo], has_constraint: bool, arms: Mapping[str, ArmSpec] = DEFAULT_ARMS
+               ) -> tuple[list[tuple[PoolInfo, str]], dict[str, str]]:
+    """Every allowed (pool, method) pair (AR on every pool), and the refusal reason per "pool/method"."""
+    ok, refused = [], {}
+    for pool in pools:
+        for method in dict.fromkeys((ALWAYS_ALLOWED, *pool.methods)):
+            good, reason = allowed(method, pool, has_constraint, arms)
+            if good:
+                ok.append((pool, method))
+            else:
+                refused[f"{pool.name}/{method}"] = reason
+    return ok, refused

@@ -1,0 +1,107 @@
+"""The YAML edge: pydantic validation, defaults, the shipped YAML, and the app builder (no Ray needed)."""
+
+from __future__ import annotations
+
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from metaspec.deploy.app import DEFAULT_YAML, GRPC_SERVICER, build_app, load_serve_file, local_cpus
+from metaspec.deploy.config import CHECKPOINTS, RouterSpec, hash_api_key, load_app_config
+
+
+def test_defaults_point_at_the_shipped_checkpoints():
+    cfg = load_app_config({})
+    (pool,) = cfg.pools
+    assert pool.target == str(CHECKPOINTS / "target") and pool.drafter == str(CHECKPOINTS / "drafter")
+    assert cfg.router == RouterSpec()
+
+
+def test_empty_drafter_means_no_drafter_and_fields_carry_over():
+    cfg = load_app_config({"pools": [{"name": "gpu-a10g", "target": "/m/t", "drafter": "", "threads": 2,
+                                      "num_replicas": 3, "max_ongoing_requests": 8, "max_queued_requests": 5,
+                                      "hardware": {"accelerator": "A10G", "mem_gb": 24},
+                                      "resources": {"accelerator_type:A10G": 0.001}, "num_gpus": 1}],
+                           "router": {"methods": ["pld", "ar"], "api_key_hashes": [hash_api_key("k")]}})
+    pool = cfg.pools[0]
+    assert pool.drafter is None and pool.target == "/m/t"
+    assert (pool.threads, pool.num_replicas, pool.max_ongoing_requests, pool.max_queued_requests) == (2, 3, 8, 5)
+    assert pool.hardware == {"accelerator": "A10G", "mem_gb": 24} and pool.num_gpus == 1
+    assert cfg.router.methods == ("pld", "ar") and cfg.router.api_key_hashes == (hash_api_key("k"),)
+
+
+def test_tables_default_to_local_and_the_redis_password_stays_out_of_reprs():
+    assert load_app_config({}).pools[0].tables.redis_url is None
+    cfg = load_app_config({"pools": [{"name": "a", "tables": {"redis_url": "redis://10.0.0.5:6379/0",
+                                                              "redis_password": "hunter2"}},
+                                     {"name": "b", "tables": None}]})
+    a, b = cfg.pools
+    assert a.tables.redis_password == "hunter2" and "hunter2" not in repr(cfg) and b.tables is None
+    with pytest.raises(ValidationError) as err:
+        load_app_config({"pools": [{"name": "a", "tables": {"redis_url": "http://x", "redis_password": "hunter2"}}]})
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"pools": []}, "at least 1"),
+    ({"pools": [{"name": "a"}, {"name": "a"}]}, "unique"),
+    ({"pools": [{"name": "a b"}]}, "pattern"),
+    ({"pools": [{"name": "a", "threads": 0}]}, "greater than or equal to 1"),
+    ({"pools": [{"name": "a", "dtype": "int4"}]}, "pattern"),
+    ({"pools": [{"name": "a", "thread": 2}]}, "Extra inputs"),
+    ({"router": {"default_max_tokens": 900, "max_tokens_limit": 100}}, "default_max_tokens"),
+    ({"router": {"api_key_hashes": ["plain-text-key"]}}, "sha256"),
+])
+def test_bad_configs_are_refused_with_the_reason(args, message):
+    with pytest.raises(ValidationError, match=message):
+        load_app_config(args)
+
+
+def test_the_shipped_yaml_is_a_serve_config_naming_the_builder():
+    data = yaml.safe_load(DEFAULT_YAML.read_text())
+    assert data["grpc_options"]["grpc_servicer_functions"] == [GRPC_SERVICER]
+    assert data["proxy_location"] == "EveryNode"
+    (app,) = data["applications"]
+    assert app["import_path"] == "metaspec.deploy.app:build_app"
+    cfg, opts = load_serve_file(DEFAULT_YAML)
+    assert opts.grpc_port == 9000 and opts.max_message_bytes == 4 << 20
+    assert cfg.pools[0].name == "cpu" and cfg.pools[0].threads == 1
+
+
+def test_ray_serve_accepts_the_yaml_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(yaml.safe_load(DEFAULT_YAML.read_text()))
+
+
+def test_build_app_binds_one_worker_deployment_per_pool(tmp_path):
+    from ray.serve._private.build_app import build_app as serve_build
+
+    app = build_app({"pools": [{"name": "a", "target": "/t", "threads": 2}, {"name": "b", "target": "/t",
+                                                                          "drafter": "", "num_cpus": 0.5}]})
+    built = {d.name: d for d in serve_build(app, name="metaspec").deployments}
+    assert set(built) == {"Router", "DecodeWorker-a", "DecodeWorker-b"}
+    assert built["DecodeWorker-a"].ray_actor_options["num_cpus"] == 2
+    assert built["DecodeWorker-b"].ray_actor_options["num_cpus"] == 0.5
+    assert built["DecodeWorker-a"].max_ongoing_requests == 4
+    spread = build_app({"router": {"num_replicas": 3, "max_replicas_per_node": 1}})
+    router = {d.name: d for d in serve_build(spread, name="metaspec").deployments}["Router"]
+    assert router.num_replicas == 3 and router._replica_config.max_replicas_per_node == 1
+
+
+def test_local_ray_gets_enough_cpus_for_every_replica():
+    cfg = load_app_config({"pools": [{"name": "a", "threads": 4, "num_replicas": 3}]})
+    assert local_cpus(cfg) >= 12
+
+
+def test_controller_settings_in_the_yaml_reach_serve_options(tmp_path):
+    data = yaml.safe_load(DEFAULT_YAML.read_text())
+    data["controller_options"]["runtime_env"]["env_vars"] |= {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+                                                              "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": "1000"}
+    data["grpc_options"]["port"] = 9100
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(data))
+    _, opts = load_serve_file(path)
+    assert opts.controller_env == {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+    assert (opts.max_message_bytes, opts.grpc_port) == (1000, 9100)

@@ -1,0 +1,77 @@
+"""The fixed policy, the override rule and the deployment-limit checks (a table of cases each)."""
+
+from __future__ import annotations
+
+import pytest
+
+from metaspec.deploy.policy import FixedPolicy, check_call, pick
+from metaspec.protocol.types import GenerateCall
+from metaspec.selector.types import PoolInfo
+from metaspec.workers.engine import Request
+from metaspec.workers.types import RequestError, SamplingParams
+
+POOLS = [PoolInfo("big", ("ar", "pld", "sps"), load=0.5), PoolInfo("small", ("ar", "pld"), load=0.1),
+         PoolInfo("busy", ("ar", "pld", "sps"), load=0.9)]
+
+
+def req(method: str | None = None, **params) -> Request:
+    return Request(prompt="hello there", params=SamplingParams(**params), method=method)
+
+
+@pytest.mark.parametrize("methods, method, pool, reason", [
+    (("sps", "pld", "ar"), None, "big", "fixed"),        # sps on the least loaded pool that has it
+    (("pld", "ar"), None, "small", "fixed"),             # pld everywhere: least loaded overall
+    (("tree", "ar"), None, "small", "fixed"),            # an arm no pool runs is skipped
+    (("sps",), "pld", "small", "override"),              # the request's method wins
+    (("pld",), "sps", "big", "override"),
+])
+def test_choices(methods, method, pool, reason):
+    choice = pick(FixedPolicy(methods), req(method), POOLS)
+    assert (choice.pool, choice.method, choice.reason) == (pool, method or choice.method, reason)
+    assert choice.selector_version == "fixed" and choice.features["prompt_size"] == len("hello there")
+
+
+def test_unknown_or_unavailable_method_is_a_request_error():
+    with pytest.raises(RequestError, match="unknown method 'nope'; known: .*ar"):
+        pick(FixedPolicy(("ar",)), req("nope"), POOLS)
+    with pytest.raises(RequestError, match="'sps' is not available on any pool .*drafter"):
+        pick(FixedPolicy(("ar",)), req("sps"), [PoolInfo("small", ("ar", "pld"))])
+    with pytest.raises(RequestError, match="no pool can run"):
+        FixedPolicy(("sps",)).choose(req(), [PoolInfo("small", ("ar", "pld"))])
+
+
+def test_any_object_with_choose_is_a_policy():
+    class Always:
+        version = "test"
+
+        def choose(self, request, pools):
+            return FixedPolicy(("ar",)).choose(request, pools)
+
+    assert pick(Always(), req(), POOLS).method == "ar"
+    assert pick(Always(), req("pld"), POOLS).selector_version == "test"
+
+
+@pytest.mark.parametrize("call, message", [
+    (GenerateCall(req(max_tokens=300)), "max_tokens must be <= 256"),
+    (GenerateCall(Request(prompt="x" * 1001)), "1001 characters; the limit is 1000"),
+])
+def test_deployment_limits(call, message):
+    with pytest.raises(RequestError, match=message):
+        check_call(call, max_tokens_limit=256, max_prompt_chars=1000)
+
+
+def test_a_request_within_limits_passes():
+    check_call(GenerateCall(req(max_tokens=256)), max_tokens_limit=256, max_prompt_chars=1000)
+
+
+def test_the_learnt_selector_plugs_in_behind_the_same_interface(tiny_pair):
+    """`selector: <file>` in the config; a file that cannot be loaded leaves the selector's fixed fallback."""
+    from metaspec.deploy.config import PoolSpec, RouterSpec
+    from metaspec.deploy.router import make_policy
+
+    pools = (PoolSpec("big", tiny_pair.target, tiny_pair.drafter),)
+    assert isinstance(make_policy(RouterSpec(), pools), FixedPolicy)
+    learnt = make_policy(RouterSpec(selector="/nonexistent/selector.skops", explore=0.0), pools)
+    choice = pick(learnt, req(), POOLS)
+    assert choice.pool in {"big", "small", "busy"} and choice.features      # features recorded for retraining
+    assert pick(learnt, req("pld"), POOLS).reason == "override"

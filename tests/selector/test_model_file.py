@@ -1,0 +1,85 @@
+"""Model files: round trip, and every kind of bad file refused with SelectorFileError and a clear message."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import skops.io as sio
+
+from metaspec.selector.model import FILE_FORMAT, SelectorFileError, SelectorModel
+from metaspec.selector.train import build_table, design, fit_model
+
+from .synth import synthetic_outcomes
+
+
+class Evil:
+    """A type no selector file contains."""
+
+    def __init__(self) -> None:
+        self.command = "rm -rf /"
+
+
+@pytest.fixture(scope="module")
+def table():
+    return build_table(synthetic_outcomes(30, seed=4))
+
+
+@pytest.fixture(scope="module", params=["rf", "gb", "knn", "ridge"])
+def saved(request, table, tmp_path_factory):
+    model = fit_model(table, request.param)
+    path = tmp_path_factory.mktemp("models") / f"{request.param}.skops"
+    model.save(path, design(table, model.methods)[0][:16])
+    return model, path
+
+
+def test_round_trip_keeps_predictions_and_metadata(saved, table):
+    model, path = saved
+    loaded = SelectorModel.load(path)
+    x = design(table, model.methods)[0]
+    assert np.allclose(loaded.predict(x), model.estimator.predict(x))
+    assert loaded.names == model.names and loaded.version == model.version
+    assert loaded.meta["data_hash"] == table.data_hash and "sklearn" in loaded.meta["versions"]
+
+
+def test_numpy_fast_path_matches_sklearn(table):
+    for kind in ("rf", "gb", "knn", "ridge"):
+        model = fit_model(table, kind)
+        assert model._fast is not None
+        x = design(table, model.methods)[0]
+        assert np.allclose(model.predict(x), model.estimator.predict(x))
+
+
+def _refused(path, fragment: str) -> None:
+    with pytest.raises(SelectorFileError) as err:
+        SelectorModel.load(path)
+    assert fragment in str(err.value), str(err.value)
+
+
+def test_corrupted_files_are_refused(saved, tmp_path):
+    _, path = saved
+    data = path.read_bytes()
+    (tmp_path / "cut.skops").write_bytes(data[: len(data) // 2])
+    _refused(tmp_path / "cut.skops", "corrupted")
+    (tmp_path / "noise.skops").write_bytes(np.random.default_rng(0).bytes(4096))
+    _refused(tmp_path / "noise.skops", "corrupted")
+    (tmp_path / "pickled.skops").write_bytes(pickle.dumps({"format": FILE_FORMAT}))
+    _refused(tmp_path / "pickled.skops", "corrupted")
+    _refused(tmp_path / "missing.skops", "does not exist")
+
+
+def test_foreign_files_are_refused(tmp_path):
+    sio.dump({"weights": np.zeros(3)}, tmp_path / "other.skops")
+    _refused(tmp_path / "other.skops", "not a metaspec selector file")
+    sio.dump({"format": FILE_FORMAT, "payload": Evil()}, tmp_path / "evil.skops")
+    _refused(tmp_path / "evil.skops", "types a selector never contains")
+
+
+def test_other_feature_version_or_tampered_predictions_are_refused(saved, tmp_path):
+    model, path = saved
+    payload = sio.load(path, trusted=sio.get_untrusted_types(file=path))
+    sio.dump(payload | {"feature_version": 999}, tmp_path / "old.skops")
+    _refused(tmp_path / "old.skops", "feature version 999")
+    sio.dump(payload | {"probe_y": payload["probe_y"] + 1.0}, tmp_path / "drift.skops")
+    _refused(tmp_path / "drift.skops", "predictions after loading differ")

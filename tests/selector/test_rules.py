@@ -1,0 +1,57 @@
+"""Hard rules: a table of (pool, method, constraint) cases with the expected verdict and reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from metaspec.selector.rules import DEFAULT_ARMS, ArmSpec, allowed, candidates, specs_from_registry
+from metaspec.selector.types import PoolInfo
+
+FULL = PoolInfo("gpu", ("ar", "sps", "pld", "pearl"), {"devices": 2, "resources": "drafter,ngram_store"})
+ONE_DEVICE = PoolInfo("cpu", ("ar", "sps", "pld", "pearl"), {"devices": 1})
+NO_DRAFTER = PoolInfo("lean", ("ar", "sps", "pld"), {"resources": "ngram_store"})
+OTHER_TOKENIZER = PoolInfo("mixed", ("ar", "sps", "pld"), {"tokenizer": "llama", "drafter_tokenizer": "gpt2"})
+SAME_TOKENIZER = PoolInfo("same", ("ar", "sps"), {"tokenizer": "bpe8k", "drafter_tokenizer": "bpe8k"})
+AR_ONLY = PoolInfo("bare", (), {})
+BUSY_SECOND = PoolInfo("busy", ("ar", "pearl"), {"devices": 2, "idle_devices": 0})
+NO_CONSTRAINT_ARMS = DEFAULT_ARMS | {"pld": ArmSpec(constraint_capable=False)}
+
+CASES = [
+    # pool, method, has_constraint, arms table, allowed, reason fragment
+    (FULL, "ar", False, DEFAULT_ARMS, True, "always allowed"),
+    (AR_ONLY, "ar", True, DEFAULT_ARMS, True, "always allowed"),
+    (FULL, "sps", False, DEFAULT_ARMS, True, "ok"),
+    (FULL, "pearl", False, DEFAULT_ARMS, True, "ok"),
+    (ONE_DEVICE, "pearl", False, DEFAULT_ARMS, False, "idle second device"),
+    (BUSY_SECOND, "pearl", False, DEFAULT_ARMS, False, "idle second device"),
+    (NO_DRAFTER, "sps", False, DEFAULT_ARMS, False, "needs drafter"),
+    (NO_DRAFTER, "pld", False, DEFAULT_ARMS, True, "ok"),
+    (OTHER_TOKENIZER, "sps", False, DEFAULT_ARMS, False, "does not share the target's tokenizer"),
+    (OTHER_TOKENIZER, "pld", False, DEFAULT_ARMS, True, "ok"),
+    (SAME_TOKENIZER, "sps", False, DEFAULT_ARMS, True, "ok"),
+    (AR_ONLY, "pld", False, DEFAULT_ARMS, False, "not installed on pool bare"),
+    (FULL, "medusa", False, DEFAULT_ARMS, False, "not a known arm"),
+    (FULL, "pld", True, DEFAULT_ARMS, True, "ok"),
+    (FULL, "pld", True, NO_CONSTRAINT_ARMS, False, "cannot run under a constraint"),
+    (FULL, "pld", False, NO_CONSTRAINT_ARMS, True, "ok"),
+]
+
+
+@pytest.mark.parametrize("pool, method, constraint, arms, ok, reason", CASES,
+                         ids=[f"{c[0].name}-{c[1]}-{'c' if c[2] else 'nc'}" for c in CASES])
+def test_rule_table(pool, method, constraint, arms, ok, reason):
+    got_ok, got_reason = allowed(method, pool, constraint, arms)
+    assert (got_ok, reason in got_reason) == (ok, True), got_reason
+
+
+def test_candidates_always_include_ar_on_every_pool():
+    pairs, refused = candidates([AR_ONLY, ONE_DEVICE, NO_DRAFTER], has_constraint=False)
+    assert {(p.name, m) for p, m in pairs} == {("bare", "ar"), ("cpu", "ar"), ("cpu", "sps"), ("cpu", "pld"),
+                                               ("lean", "ar"), ("lean", "pld")}
+    assert set(refused) == {"cpu/pearl", "lean/sps"}
+
+
+def test_registry_arms_are_known_to_the_rules():
+    table = specs_from_registry()
+    assert {"ar", "sps", "pld"} <= set(table)
+    assert "drafter" in table["sps"].requires

@@ -1,0 +1,152 @@
+"""PEARL (Liu et al., ICLR 2025): the drafter runs beside the target and keeps drafting while the target verifies.
+
+post-verify: while the target verifies a draft, the drafter (workers/pearl.py) continues it as if it were fully
+accepted. When it is, and the target's bonus token equals the drafter's next token, the next draft is already
+there and `propose` returns it at once; `observe` only advances the committed length. Otherwise `observe` rolls
+the drafter back to the committed sequence (common-prefix rollback of its KV cache) and it starts over.
+pre-verify: after a rollback the first drafted token goes to the target alone, so the target checks it while the
+drafter drafts the rest, instead of idling until a whole draft is ready.
+Draft length after a full acceptance: gamma = (drafter steps that fit in one target verification) - 1, measured
+once per drafter and target, so the drafter produces a draft plus its bonus position while the target verifies.
+Lengths depend on tokens only, never on timing, and the drafter seeds its sampling per position: a seeded
+sampled request is reproducible, and the drafter's q rows travel with its tokens for the p/q rule.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import numpy as np
+import torch
+
+from ..pearl import (D_END, D_EPOCH, D_TRACE_N, M_COMMITTED, M_EPOCH, M_REQ, M_RUN, N_TRACE, Drafter,
+                     DrafterGone, DrafterPool, PearlConfig, pool_for, wait_for)
+from ..registry import ArmContext, register
+from ..types import Draft, SamplingParams, Verdict
+
+
+class PearlProposer:
+    def __init__(self, pool: DrafterPool, drafter: Drafter | None, gamma: int, params: SamplingParams, seed: int,
+                 cfg: PearlConfig, unavailable: str = "") -> None:
+        self.d, self.gamma, self.params, self.seed, self.cfg = drafter, gamma, params, seed, cfg
+        self.unavailable = unavailable
+        self.n, self.epoch, self.proposed, self.rolled_back, self.exhausted = -1, -1, [], True, False
+        self.events: list[tuple[str, int, int]] = []   # target side (kind, start ns, end ns): "wait", "verify"
+        self.trace_from, self.t_sent, self.kept = 0, 0, 0   # kept: bonus tokens the drafter had already drafted
+        self.lease_id = drafter.lease_id if drafter is not None else -1
+        self._release = weakref.finalize(self, pool.release, drafter, self.lease_id) if drafter is not None else None
+
+    def propose(self, seq: list[int], k: int) -> Draft:
+        d = self._live()
+        if len(seq) != self.n:
+            self._start(seq)
+        m = min(k, 1 if self.rolled_back and self.cfg.pre_verify else self.gamma, d.capacity - self.n)
+        if self.exhausted or m <= 0:
+            self.proposed, self.t_sent = [], time.monotonic_ns()
+            return Draft([])
+        self._wait_until(self.n + m)
+        tokens = d.ch.draft[self.n: self.n + m].tolist()
+        probs = None
+        if not self.params.greedy:
+            rows = [(self.n + i) % d.ch.ring for i in range(m)]
+            probs = torch.from_numpy(d.ch.q[rows])                             # [m, V] (fancy indexing copies)
+        self.proposed, self.t_sent = tokens, time.monotonic_ns()
+        return Draft(tokens, probs)
+
+    def observe(self, seq: list[int], verdict: Verdict) -> None:
+        self._live()
+        self.events.append(("verify", self.t_sent, time.monotonic_ns()))
+        emitted, m, n = verdict.emitted, len(self.proposed), self.n
+        keep = emitted[:m] == self.proposed[: len(emitted[:m])]
+        if keep and len(emitted) > m and not self.exhausted:  # post-verify: is the bonus the drafter's next token?
+            if n + m >= self.d.capacity:
+                keep = False
+            else:
+                self._wait_until(n + m + 1)
+                keep = int(self.d.ch.draft[n + m]) == emitted[m]
+                self.kept += keep
+        self._commit(emitted, keep)
+
+    def close(self) -> None:
+        """End the request on the drafter and give it back to the pool (also done when the proposer is collected)."""
+        if self._release is not None:
+            self._release()
+
+    def timeline(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Busy intervals of this request (monotonic ns): the target side's and the drafter's forwards."""
+        out = {"target": list(self.events), "drafter": []}
+        if self.d is not None:
+            c, trace = self.d.ch.ctl, self.d.ch.trace
+            end = int(c[D_TRACE_N])
+            for i in range(max(self.trace_from, end - N_TRACE), end):
+                t0, t1, fed = trace[i % N_TRACE].tolist()
+                out["drafter"].append(("prefill" if fed > 1 else "draft", t0, t1))
+        return out
+
+    # ---- the channel --------------------------------------------------------------------------------------------
+
+    def _live(self) -> Drafter:
+        if self.d is None:
+            raise DrafterGone(self.unavailable or "no pearl drafter")
+        if self.d.lease_id != self.lease_id:
+            raise DrafterGone("pearl drafter was taken back after this request sat idle")
+        self.d.last_used = time.monotonic()
+        if reason := self.d.gone():
+            raise DrafterGone(f"pearl drafter {reason} mid-request; the next request gets a restarted one")
+        return self.d
+
+    def _start(self, seq: list[int]) -> None:
+        """Hand the drafter a (new or resynchronised) sequence: params, tokens, then a new epoch."""
+        ch, c = self.d.ch, self.d.ch.ctl
+        self.trace_from = int(c[D_TRACE_N]) if self.n < 0 else self.trace_from
+        self.n, self.exhausted = len(seq), len(seq) >= self.d.capacity
+        if self.exhausted:
+            c[M_RUN] = 0
+            return
+        ch.params[:] = (self.params.temperature, self.params.top_k, self.params.top_p, self.seed)
+        ch.seq[: self.n] = np.asarray(seq, dtype=np.int32)
+        c[M_COMMITTED] = self.n
+        c[M_REQ] += 1
+        c[M_EPOCH] += 1
+        self.epoch, self.rolled_back = int(c[M_EPOCH]), True
+        c[M_RUN] = 1
+        ch.ring_drafter()
+
+    def _commit(self, emitted: list[int], keep: bool) -> None:
+        ch, c, n = self.d.ch, self.d.ch.ctl, self.n
+        self.n = n + len(emitted)
+        if self.exhausted or self.n >= self.d.capacity:  # past the drafter's context: drafts end, decoding goes on
+            self.exhausted, c[M_RUN] = True, 0
+            return
+        ch.seq[n: self.n] = emitted
+        c[M_COMMITTED] = self.n
+        if not keep:
+            c[M_EPOCH] += 1
+            self.epoch = int(c[M_EPOCH])
+        self.rolled_back = not keep
+        ch.ring_drafter()
+
+    def _wait_until(self, end: int) -> None:
+        c, epoch, t0 = self.d.ch.ctl, self.epoch, time.monotonic_ns()
+        if not (c[D_EPOCH] == epoch and c[D_END] >= end):
+            wait_for(lambda: c[D_EPOCH] == epoch and c[D_END] >= end, self.d.ch.bell_r, self.cfg.spin_s,
+                     self.d.gone, self.cfg.wait_timeout_s, f"waiting for position {end - 1}")
+            self.events.append(("wait", t0, time.monotonic_ns()))
+
+
+@register("pearl", requires=("drafter",),
+          description="parallel drafting (PEARL): the drafter runs beside the target and keeps drafting while it verifies")
+def build(ctx: ArmContext) -> PearlProposer:
+    cfg = ctx.resources.get("pearl_config") or PearlConfig()
+    pool = pool_for(ctx.drafter, cfg)
+    seed = 0
+    if not ctx.params.greedy and ctx.generator is not None:  # one draw: the drafter's seed follows the request's
+        seed = int(torch.randint(0, 2**62, (), generator=ctx.generator))
+    drafter, unavailable = None, "every pearl drafter is serving another request"
+    try:
+        drafter = pool.lease()
+    except Exception as exc:  # a drafter that cannot start makes this request decode without drafts, not fail
+        unavailable = f"pearl drafter could not start: {type(exc).__name__}: {exc}"
+    gamma = pool.gamma(ctx.target, drafter) if drafter is not None else 1
+    return PearlProposer(pool, drafter, gamma, ctx.params, seed, cfg, unavailable)

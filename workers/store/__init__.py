@@ -1,0 +1,79 @@
+"""Shared tables for the table-driven arms, one local copy per worker process, synced through Redis.
+
+>>> tables = SharedTables(StoreConfig(redis=RedisConfig(url="redis://127.0.0.1:6379/0")),
+...                       fingerprint="0123abcd", vocab_size=8192)
+>>> engine = Engine(engine_cfg, resources=tables.resources())   # arms find "ngram_table", "adjacency_table"
+>>> tables.stats()["ngram"]["hit_rate"]
+0.0
+>>> tables.close()                                               # last push, stop the syncer
+
+Redis layout of one namespace `metaspec:tables:v{SCHEMA_VERSION}:{fingerprint}` (values: packed int32):
+  :ngram          hash   packed context (1..4 tokens) -> [tok, count, ...] (<= max_continuations pairs)
+  :ngram:lru      zset   packed context -> last write time; beyond max_contexts the oldest are evicted
+  :adjacency:k{k} hash   packed [token] -> [k next tokens] (-1 = empty), at most vocab_size fields
+  :feed           stream one entry per push {t: table, w: worker, k: packed keys}, ~feed_max_entries long
+  :meta           hash   epoch: a random id, new whenever the namespace is recreated
+Every key expires after ttl_s without writes. Memory bound (defaults): n-gram ~100k contexts x ~250 B ≈ 25 MB,
+adjacency 8192 rows x ~100 B ≈ 1 MB, feed 2,000 entries x <= 30 KB; locally ~400 B per context ≈ 40 MB.
+"""
+
+from __future__ import annotations
+
+from .adjacency import AdjacencyTable
+from .keys import Keys, NgramConfig, RedisConfig, StoreConfig, fingerprint, pack, unpack, worker_id
+from .ngram import NgramTable, read_corpus, seed
+from .sync import Syncer, make_client
+
+__all__ = ["AdjacencyTable", "Keys", "NgramConfig", "NgramTable", "RedisConfig", "SharedTables", "StoreConfig",
+           "fingerprint", "pack", "read_corpus", "remote_stats", "seed", "unpack", "worker_id"]
+
+
+class SharedTables:
+    """Both tables of one model + tokenizer (one `fingerprint`), and the syncer that shares them."""
+
+    def __init__(self, cfg: StoreConfig, fingerprint: str, vocab_size: int) -> None:
+        self.cfg = cfg
+        self.keys = Keys.for_fingerprint(fingerprint)
+        self.ngram = NgramTable(cfg.ngram, vocab_size)
+        self.adjacency = AdjacencyTable(vocab_size, cfg.adjacency_k)
+        self.worker = worker_id()
+        self.syncer = Syncer(cfg, self.keys, [self.ngram, self.adjacency], self.worker)
+        self.ngram.request_sync = self.adjacency.request_sync = self.syncer.request
+
+    @classmethod
+    def for_model(cls, cfg: StoreConfig, model_dir: str, vocab_size: int, tokenizer_dir: str | None = None):
+        return cls(cfg, fingerprint(model_dir, tokenizer_dir), vocab_size)
+
+    def resources(self) -> dict:
+        """The ArmContext resources the table-driven arms require."""
+        return {"ngram_table": self.ngram, "adjacency_table": self.adjacency}
+
+    def flush(self) -> bool:
+        """Push and pull now, from the calling thread; False if Redis is unavailable."""
+        return self.syncer.sync(force=True)
+
+    def stats(self) -> dict:
+        return {"namespace": self.keys.ns, "ngram": self.ngram.stats(), "adjacency": self.adjacency.stats(),
+                "redis": self.syncer.stats()}
+
+    def close(self) -> None:
+        self.syncer.close()
+
+
+def remote_stats(cfg: StoreConfig, fingerprint: str) -> dict:
+    """What one namespace holds in Redis right now (sizes and bytes per key); raises if Redis is unreachable."""
+    keys, r = Keys.for_fingerprint(fingerprint), make_client(cfg.redis)
+    try:
+        names = {"ngram": keys.ngram, "ngram_lru": keys.ngram_lru, "adjacency": keys.adjacency(cfg.adjacency_k),
+                 "feed": keys.feed, "meta": keys.meta}
+        pipe = r.pipeline(transaction=False)
+        pipe.hlen(keys.ngram)
+        pipe.hlen(keys.adjacency(cfg.adjacency_k))
+        pipe.xlen(keys.feed)
+        for key in names.values():
+            pipe.memory_usage(key, samples=0)
+        contexts, rows, feed, *sizes = pipe.execute()
+        return {"namespace": keys.ns, "ngram_contexts": contexts, "adjacency_rows": rows, "feed_entries": feed,
+                "bytes": {name: size or 0 for name, size in zip(names, sizes)}}
+    finally:
+        r.close()

@@ -1,0 +1,134 @@
+"""DecodeWorker: the Ray Serve deployment of one pool's replica, wrapping `Engine`.
+
+Weights load once per replica (in `__init__`). Decode steps of every request on the replica run on one
+dedicated thread, so concurrent requests interleave step by step (round robin) and the event loop stays free for
+health checks and cancellation. A request whose caller goes away (client cancel, deadline, disconnect) stops at
+the next step boundary: no decode work is spent on it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ray import serve
+
+from .engine import Chunk, Engine, EngineConfig, Request, Result
+from .model import ModelConfig
+from .registry import arms
+from .store import SharedTables, StoreConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    pool: str                       # the pool this replica belongs to
+    engine: EngineConfig            # models and decode settings
+    threads: int = 1                # torch intra-op threads of this replica
+    store: StoreConfig | None = None  # shared n-gram / recycling tables (Redis-synced); None = no table arms
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    pool: str
+    methods: tuple[str, ...]        # arms this replica can run
+    max_context: int                # target's context window (prompt + completion)
+    vocab_size: int
+
+
+@dataclass
+class WorkerCounters:
+    """What this replica did since it started (read by tests and Health)."""
+
+    started: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    tokens: int = 0
+    active: set[str] = field(default_factory=set)   # ids of requests being decoded now
+
+
+_END = object()
+
+
+def worker_config(pool: str, target: str, drafter: str | None, tokenizer: str | None = None, dtype: str = "float32",
+                  device: str = "cpu", threads: int = 1, k_max: int = 8,
+                  store: StoreConfig | None = None) -> WorkerConfig:
+    """Build a WorkerConfig from a pool's plain settings."""
+    def model(path: str) -> ModelConfig:
+        return ModelConfig(path=path, dtype=dtype, device=device, threads=threads)
+
+    engine = EngineConfig(target=model(target), drafter=model(drafter) if drafter else None, tokenizer=tokenizer,
+                          k_max=k_max, default_method="ar")
+    return WorkerConfig(pool, engine, threads, store)
+
+
+@serve.deployment(name="DecodeWorker", ray_actor_options={"num_cpus": 1})
+class DecodeWorker:
+    def __init__(self, cfg: WorkerConfig) -> None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+        self.cfg = cfg
+        self.engine = Engine(cfg.engine)
+        self.tables = None
+        if cfg.store is not None:   # fingerprinted by model + tokenizer: replicas of one model pair share tables
+            self.tables = SharedTables.for_model(cfg.store, cfg.engine.target.path, self.engine.target.vocab_size,
+                                                 cfg.engine.tokenizer)
+            self.engine.resources.update(self.tables.resources())
+        self.counters = WorkerCounters()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{cfg.pool}")
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.cfg.pool, tuple(self.engine.available_methods()), self.engine.target.max_context,
+                          self.engine.target.vocab_size)
+
+    def __del__(self) -> None:   # Serve calls it on graceful replica shutdown
+        if getattr(self, "tables", None) is not None:
+            self.tables.close()
+
+    def ping(self) -> str:
+        return self.cfg.pool
+
+    def stats(self) -> WorkerCounters:
+        return self.counters
+
+    def table_stats(self) -> dict | None:
+        return self.tables.stats() if self.tables is not None else None
+
+    async def generate(self, request: Request, request_id: str = "") -> Result:
+        """The whole request; raises RequestError on a request this worker cannot serve."""
+        async with aclosing(self.stream(request, request_id)) as items:
+            async for item in items:
+                if isinstance(item, Result):
+                    return item
+        raise AssertionError("engine stream ended without a Result")
+
+    async def stream(self, request: Request, request_id: str = "") -> AsyncIterator[Chunk | Result]:
+        """Chunks as tokens are verified, then one Result (call with `handle.options(stream=True)`)."""
+        loop = asyncio.get_running_loop()
+        steps: Iterator[Chunk | Result] = self.engine.stream(request)
+        key = request_id or str(id(steps))
+        self.counters.started += 1
+        self.counters.active.add(key)
+        outcome = "cancelled"   # unless it finishes or fails: cancelled by the caller (CancelledError or aclose)
+        try:
+            while (item := await loop.run_in_executor(self._executor, next, steps, _END)) is not _END:
+                if isinstance(item, Result):
+                    self.counters.tokens += len(item.token_ids)
+                    outcome = "finished"
+                yield item
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            self.counters.active.discard(key)
+            setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
+            self._executor.submit(steps.close)   # after any in-flight step, on the same thread
+
+
+def registered_methods() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Every registered arm: name -> (description, required resources)."""
+    return {name: (arm.description, tuple(sorted(arm.requires))) for name, arm in sorted(arms().items())}
