@@ -1,6 +1,6 @@
 """Micro-benchmark of one cached forward (batch 1, T new tokens): HF vs the lean Llama forward and its kernels.
 
-    python -m metaspec.bench_forward [--model PATH ...] [--threads 2] [--context 256] [--json out.json]
+    python -m metaspec.bench_forward [--model PATH ...] [--threads 2] [--context 256] [--clock wall|cpu] [--json F]
 
 For every model and dtype it times `Session.forward(T tokens)` after `context` cached tokens, T = 1 and 9, for
     hf            HF's generic forward (DynamicCache)
@@ -44,6 +44,8 @@ class ForwardBenchConfig:
     rounds: int = 10                                 # interleaved rounds over all variants
     calls: int = 10                                  # timed calls per variant, length and round
     seed: int = 0
+    clock: str = "wall"                              # "wall" | "cpu": the calling thread's CPU time, which other
+                                                     # processes on a shared machine disturb less (use with 1 thread)
 
 
 def _variants(path: str, dtype: torch.dtype) -> tuple[object, dict[str, object]]:
@@ -95,15 +97,16 @@ def time_forwards(models: dict, ids: list[int], cfg: ForwardBenchConfig) -> dict
         sessions[name] = model.session(cfg.context + max(cfg.lengths))
         sessions[name].forward(ids[:cfg.context])
     ms: dict[tuple[str, int], list[float]] = {(n, t): [] for n in models for t in cfg.lengths}
+    clock = {"wall": time.perf_counter, "cpu": time.thread_time}[cfg.clock]
     for _ in range(cfg.rounds):
         for name, s in sessions.items():
             for t in cfg.lengths:
                 new = ids[cfg.context:cfg.context + t]
                 for i in range(cfg.calls + 2):                               # 2 warm-up calls
-                    start = time.perf_counter()
+                    start = clock()
                     s.forward(new)
                     if i >= 2:
-                        ms[(name, t)].append((time.perf_counter() - start) * 1e3)
+                        ms[(name, t)].append((clock() - start) * 1e3)
                     s.rollback(cfg.context)
     return ms
 
@@ -137,18 +140,20 @@ def _cpu_name() -> str:
 
 
 def table(report: dict) -> str:
-    """One row per model, dtype and variant: median ms at each T, T_max/T_1 and speed-up over HF at each T."""
+    """One row per model, dtype and variant: median and min ms at each T, T_max/T_1 and speed-up over HF (medians)."""
     res = {(r["model"], r["dtype"], r["variant"], r["T"]): r for r in report["results"]}
     lengths = report["config"]["lengths"]
-    head = ["model", "params", "dtype", "variant"] + [f"T={t} ms" for t in lengths] + [f"T={lengths[-1]}/T={lengths[0]}"]
-    head += [f"vs hf T={t}" for t in lengths]
+    head = ["model", "params", "dtype", "variant"] + [f"T={t} ms med (min)" for t in lengths]
+    head += [f"T={lengths[-1]}/T={lengths[0]}"] + [f"vs hf T={t}" for t in lengths]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (model, dtype, variant, t), r in res.items():
         if t != lengths[0]:
             continue
         ms = [res[(model, dtype, variant, x)]["ms_median"] for x in lengths]
+        low = [res[(model, dtype, variant, x)]["ms_min"] for x in lengths]
         hf = [res[(model, dtype, "hf", x)]["ms_median"] for x in lengths]
-        cells = [Path(model).name, f"{r['params'] / 1e6:.1f}M", dtype, variant] + [f"{v:.3f}" for v in ms]
+        cells = [Path(model).name, f"{r['params'] / 1e6:.1f}M", dtype, variant]
+        cells += [f"{v:.3f} ({lo:.3f})" for v, lo in zip(ms, low)]
         cells += [f"{ms[-1] / ms[0]:.2f}"] + [f"{h / v:.2f}x" for h, v in zip(hf, ms)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -162,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--calls", type=int, default=10)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     p.add_argument("--json", help="also write the report here")
     a = p.parse_args(argv)
     models = tuple(a.model or [str(CHECKPOINTS / "target"), str(CHECKPOINTS / "drafter")])
-    cfg = ForwardBenchConfig(models, tuple(a.dtypes.split(",")), a.threads, a.context, rounds=a.rounds, calls=a.calls)
+    cfg = ForwardBenchConfig(models, tuple(a.dtypes.split(",")), a.threads, a.context, rounds=a.rounds, calls=a.calls,
+                             clock=a.clock)
     from transformers.utils import logging
 
     logging.disable_progress_bar()

@@ -208,18 +208,12 @@ class LeanLlama:
         return F.rms_norm(x, (self.hidden,), None, self.eps) * w
 
 
-# Below this many weights, MKL's fp32 GEMV (F.linear) beats oneDNN's packed one at T=1: oneDNN costs ~15 us a call.
-_FP32_PLAIN_GEMV_MAX = 1 << 19
-
-
 def _linear(w: torch.Tensor, prepack: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x [1, T, in] -> x @ w.T [1, T, out] through the fastest CPU kernel measured (PERF_NOTES): bf16 weights
-    reordered once for oneDNN; fp32 the same, except that small weights keep MKL for single-token GEMVs."""
+    """x [1, T, in] -> x @ w.T [1, T, out]; prepacked: oneDNN on a weight reordered once (bf16 and fp32 alike:
+    2x MKL's fp32 GEMM at T=9; MKL's GEMV wins on small weights at T=1 alone, not measurably in a forward)."""
     if not prepack:
         return lambda x: F.linear(x, w)
     op, p = torch.ops.mkldnn._linear_pointwise.default, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
-    if w.dtype == torch.float32 and w.numel() <= _FP32_PLAIN_GEMV_MAX:
-        return lambda x: F.linear(x, w) if x.shape[1] == 1 else op(x, p, None, "none", [], "")
     return lambda x: op(x, p, None, "none", [], "")
 
 
