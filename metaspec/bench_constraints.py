@@ -168,6 +168,7 @@ def summarize(records: list[dict], configs: list[str]) -> list[dict]:
             "speedup_vs_constrained_ar": {c: wall["ar"] / wall[c] if wall[c] else None
                                           for c in configs if c != "unconstrained"},
             "forced_share": sum(r["runs"]["ar"]["forced"] for r in done) / emitted_ar if emitted_ar else 0.0,
+            "target_forwards": {c: sum(r["runs"][c]["steps"] for r in done if c in r["runs"]) for c in configs},
             "all_same_as_ar": all(all(r["same_as_ar"].values()) for r in done),
         })
     return out
@@ -206,18 +207,20 @@ def format_table(result: dict) -> str:
     configs = result["configs"]
     arms = [c for c in configs if c not in ("unconstrained", "ar/no-ff", "ar")]
     head = (f"{'subset':<16}{'cover':>7}{'valid':>9}{'cut':>5}{'cmp p50':>9}{'cmp p99':>9}{'free t/s':>9}"
-            f"{'json t/s':>9}{'forced':>7}{'ff x':>6}" + "".join(f"{a[:10] + ' x':>13}" for a in arms) + "  same")
+            f"{'json t/s':>9}{'forced':>7}{'ff fwd':>7}{'ff x':>6}" + "".join(f"{a[:10] + ' x':>13}" for a in arms)
+            + "  same")
     lines = [head, "-" * len(head)]
     lines += [_row(s, arms) for s in result["summary"]]
     lines.append("cover: compiled/sampled · valid: valid/finished (validator errors excluded) · cut: stopped by "
                  "max_tokens · cmp: compile ms · t/s: tokens/s unconstrained vs constrained AR · forced: share of "
-                 "tokens the grammar forced · ff x: fast-forward speed-up of constrained AR · <arm> x: speed-up vs "
-                 "constrained AR · same: every arm's output equals constrained AR's")
+                 "tokens the grammar forced · ff fwd: target forwards without / with fast-forward · ff x: "
+                 "fast-forward speed-up of constrained AR · <arm> x: speed-up vs constrained AR · same: every arm's "
+                 "output equals constrained AR's")
     return "\n".join(lines)
 
 
 def _row(s: dict, arms: list[str]) -> str:
-    tps, sp = s["tokens_per_s"], s["speedup_vs_constrained_ar"]
+    tps, sp, fwd = s["tokens_per_s"], s["speedup_vs_constrained_ar"], s["target_forwards"]
 
     def fmt(value: float | None, spec: str) -> str:
         return format(value, spec) if value is not None else format("-", ">" + spec.split(".")[0])
@@ -227,6 +230,7 @@ def _row(s: dict, arms: list[str]) -> str:
     return (f"{s['subset']:<16}{s['compiled']:>3}/{s['schemas']:<3}{s['valid']:>5}/{checked:<3}"
             f"{s['cut_by_max_tokens']:>5}{fmt(ms(s['compile_s_p50']), '8.1f')}m{fmt(ms(s['compile_s_p99']), '8.1f')}m"
             f"{fmt(tps['unconstrained'], '9.1f')}{fmt(tps['ar'], '9.1f')}{s['forced_share']:>7.0%}"
+            f"{fmt(fwd['ar/no-ff'] / fwd['ar'] if fwd['ar'] else None, '7.2f')}"
             f"{fmt(sp['ar/no-ff'] and 1 / sp['ar/no-ff'], '6.2f')}" + "".join(fmt(sp[a], '13.2f') for a in arms)
             + ("   yes" if s["all_same_as_ar"] else "    NO"))
 

@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 import torch
 
-from metaspec.workers.constraint import ConstraintConfig, ConstraintSpec, GrammarCompiler
+from metaspec.workers.constraint import ConstraintConfig, ConstraintSpec
 from metaspec.workers.engine import Request
 from metaspec.workers.registry import arms
 from metaspec.workers.types import Draft, RequestError, SamplingParams, Verdict
@@ -171,20 +171,16 @@ def test_malformed_specs(kwargs, message):
 
 
 def test_limits_are_request_errors(tiny_engine):
-    small = GrammarCompiler(tiny_engine.tokenizer, tiny_engine.target.vocab_size, tiny_engine.eos_ids,
-                            ConstraintConfig(max_source_chars=20))
+    small = tiny_engine.grammars.with_config(ConstraintConfig(max_source_chars=20))
     with pytest.raises(RequestError, match="limit"):
         small.compile(ConstraintSpec("regex", "a" * 21))
-    hurried = GrammarCompiler(tiny_engine.tokenizer, tiny_engine.target.vocab_size, tiny_engine.eos_ids,
-                              ConstraintConfig(compile_timeout_s=1e-3))
-    hurried.tokenizer  # built outside the timed compile
+    hurried = tiny_engine.grammars.with_config(ConstraintConfig(compile_timeout_s=1e-3))
     big = {"type": "object", "required": [f"p{i}" for i in range(300)],   # ~0.1 s to compile
            "properties": {f"p{i}": {"type": "string", "pattern": f"^[a-z]{{{i % 7 + 1},{i % 11 + 9}}}x{i}(y|z)+$"}
                           for i in range(300)}}
     with pytest.raises(RequestError, match="longer than"):
         hurried.compile(ConstraintSpec("json_schema", json.dumps(big)))
-    tiny = GrammarCompiler(tiny_engine.tokenizer, tiny_engine.target.vocab_size, tiny_engine.eos_ids,
-                           ConstraintConfig(max_grammar_size=10))
+    tiny = tiny_engine.grammars.with_config(ConstraintConfig(max_grammar_size=10))
     with pytest.raises(RequestError, match="not supported"):
         tiny.compile(SPECS["grammar"])
 
