@@ -93,7 +93,7 @@ def text_features(text: str) -> dict[str, float]:
     raw = text.encode("utf-8", "replace")
     n = max(len(raw), 1)
     hist = np.bincount(np.frombuffer(raw, dtype=np.uint8), minlength=256) if raw else np.zeros(256, np.int64)
-    lines = hist[ord("\n")] + 1
+    lines = int(hist[ord("\n")]) + 1
     lower = text.lower()
 
     def share(chars: bytes) -> float:
