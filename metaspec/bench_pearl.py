@@ -137,10 +137,7 @@ def summarize(records: list[dict]) -> list[dict]:
     rows = []
     for cat in sorted({r["category"] for r in records}) + ["all"]:
         sel = [r for r in records if cat in ("all", r["category"])]
-        tps = {}
-        for name in sorted({r["setting"] for r in sel}):
-            mine = [r for r in sel if r["setting"] == name]
-            tps[name] = sum(r["tokens"] for r in mine) / sum(r["wall_s"] for r in mine)
+        tps = {name: _robust_tps([r for r in sel if r["setting"] == name]) for name in {r["setting"] for r in sel}}
         acc = [r["acceptance_length"] for r in sel if r["setting"] == "pearl"]
         rows.append({"category": cat, "tokens_per_s": tps,
                      "extra_device": {"pearl_vs_ar": tps["pearl"] / tps["ar@1"], "sps_vs_ar": tps["sps@1"] / tps["ar@1"],
@@ -149,6 +146,17 @@ def summarize(records: list[dict]) -> list[dict]:
                                        "pearl_vs_sps": tps["pearl"] / tps["sps@2"]},
                      "pearl_acceptance_length": statistics.mean(acc) if acc else None})
     return rows
+
+
+def _robust_tps(records: list[dict]) -> float:
+    """Tokens/s from each prompt's median wall time over repeats: a burst of other work on this shared machine
+    hits one repeat of one setting, and the median drops it instead of averaging it in."""
+    walls: dict[str, list[float]] = {}
+    tokens: dict[str, int] = {}
+    for r in records:
+        walls.setdefault(r["prompt_id"], []).append(r["wall_s"])
+        tokens[r["prompt_id"]] = r["tokens"]
+    return sum(tokens.values()) / sum(statistics.median(w) for w in walls.values())
 
 
 def noise(records: list[dict]) -> dict:

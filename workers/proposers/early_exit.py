@@ -28,11 +28,11 @@ from ..types import Draft, RequestError, SamplingParams, Verdict
 class EarlyExitConfig:
     exit_layers: tuple[int, ...] = ()    # candidate exits; () = a quarter, half and three quarters of the depth
     k_max: int = 8                       # longest draft
-    head_cost_layers: float = 1.0        # final norm + LM head cost per draft token, in layers
-    verify_cost_per_token: float = 0.05  # extra cost of one more scored token in the verification forward
+    head_cost_layers: float = 0.5        # final norm + LM head + call overhead per draft token, in layers
+    verify_cost_per_token: float = 0.03  # extra cost of one more scored token in the verification forward
     prior_accept: float = 0.5            # prior per-token acceptance of every exit
     prior_weight: float = 2.0            # the prior's weight in pseudo-trials
-    explore: float = 0.5                 # optimism bonus scale (UCB)
+    explore: float = 0.25                # optimism bonus scale (UCB over decode steps)
 
 
 def default_exits(num_layers: int) -> tuple[int, ...]:
@@ -45,18 +45,20 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 
 def plan(accepted: dict[int, int], rejected: dict[int, int], num_layers: int, k_cap: int,
-         cfg: EarlyExitConfig) -> tuple[int, int]:
+         cfg: EarlyExitConfig, steps: int = 0) -> tuple[int, int]:
     """(exit layer, k) with the most expected tokens per full-forward-equivalent of cost; (0, 0) = don't draft.
 
+    Acceptance per exit is the posterior mean plus a UCB bonus that grows with the decode steps taken (drafting
+    or not), so an exit that looked poor early is retried now and then.
+
     >>> plan({2: 30}, {2: 3}, 8, 8, EarlyExitConfig())      # 91% acceptance at layer 2: draft long
-    (2, 8)
+    (2, 5)
     """
-    total = sum(accepted.values()) + sum(rejected.values())
     best, choice = 1.0, (0, 0)                                   # AR: one token per full forward
     for layer in accepted:
         trials = accepted[layer] + rejected[layer] + cfg.prior_weight
         alpha = (accepted[layer] + cfg.prior_accept * cfg.prior_weight) / trials
-        alpha = min(0.99, alpha + cfg.explore * math.sqrt(math.log(total + 2) / trials))
+        alpha = min(0.99, alpha + cfg.explore * math.sqrt(math.log(steps + 2) / trials))
         per_token = (layer + cfg.head_cost_layers) / (num_layers + cfg.head_cost_layers) + cfg.verify_cost_per_token
         for k in range(1, k_cap + 1):
             ratio = expected_tokens(alpha, k) / (1 + k * per_token)
@@ -75,11 +77,11 @@ class EarlyExitProposer:
         self.params, self.generator = params, generator
         self.accepted = dict.fromkeys(exits, 0)    # per exit: draft tokens accepted
         self.rejected = dict.fromkeys(exits, 0)    # per exit: drafts cut by a rejection
-        self.layer, self.drafted = 0, 0
+        self.layer, self.drafted, self.steps = 0, 0, 0
 
     def propose(self, seq: list[int], k: int) -> Draft:
-        layer, k = plan(self.accepted, self.rejected, self.num_layers, min(k, self.cfg.k_max), self.cfg)
-        self.layer, self.drafted = layer, 0
+        layer, k = plan(self.accepted, self.rejected, self.num_layers, min(k, self.cfg.k_max), self.cfg, self.steps)
+        self.layer, self.drafted, self.steps = layer, 0, self.steps + 1
         if k <= 0:
             return Draft([])
         start = self.session.length
