@@ -58,32 +58,34 @@ def request_input(request, tokenizer=None, has_constraint: bool | None = None) -
     return RequestInput(ids, text, p.max_tokens, p.temperature, p.top_p, constrained)
 
 
+def _packed_ngrams(ids: np.ndarray, n: int) -> np.ndarray:
+    """Every n-gram of `ids` packed into one int64 (21 bits a token: any vocabulary below 2M); [len - n + 1]."""
+    windows = max(0, len(ids) - n + 1)
+    packed = np.zeros(windows, dtype=np.int64)
+    for j in range(n):
+        packed = (packed << 21) | ids[j: j + windows]
+    return packed
+
+
 def ngram_repetition(ids: np.ndarray, n: int) -> float:
     """Share of positions whose trailing n-gram already occurred earlier in `ids` (0 when too short).
 
     >>> ngram_repetition(np.array([1, 2, 1, 2, 1]), 2)
     0.5
     """
-    windows = len(ids) - n + 1
-    if windows <= 1:
+    packed = _packed_ngrams(ids, n)
+    if len(packed) <= 1:
         return 0.0
-    # Pack each n-gram into one int64 (21 bits per token is enough for any vocabulary below 2M).
-    packed = np.zeros(windows, dtype=np.int64)
-    for j in range(n):
-        packed = (packed << 21) | ids[j: j + windows]
-    return float(windows - len(np.unique(packed))) / windows
+    return float(len(packed) - len(np.unique(packed))) / len(packed)
 
 
 def tail_repetition(ids: np.ndarray, n: int = 3, tail: int = TAIL_TOKENS) -> float:
     """Share of the last `tail` positions whose trailing n-gram occurred anywhere earlier in the prompt."""
-    windows = len(ids) - n + 1
-    if windows <= 1:
+    packed = _packed_ngrams(ids, n)
+    if len(packed) <= 1:
         return 0.0
-    packed = np.zeros(windows, dtype=np.int64)
-    for j in range(n):
-        packed = (packed << 21) | ids[j: j + windows]
     _, first = np.unique(packed, return_index=True)
-    seen_before = np.ones(windows, dtype=bool)
+    seen_before = np.ones(len(packed), dtype=bool)
     seen_before[first] = False                     # a first occurrence is not a repeat
     return float(seen_before[-tail:].mean())
 

@@ -67,7 +67,7 @@ def load_model(cfg: ModelConfig) -> Model:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {cfg.dtype!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    hf = AutoModelForCausalLM.from_pretrained(cfg.path, torch_dtype=_DTYPES[cfg.dtype]).to(cfg.device).eval()
+    hf = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=_DTYPES[cfg.dtype]).to(cfg.device).eval()
     if cfg.lean and LeanLlama.supports(hf.config):
         model = LeanLlama(hf, prepack=cfg.prepack, cpu_fp32_attention=cfg.cpu_fp32_attention)
     else:

@@ -58,7 +58,7 @@ def run(stages: tuple[str, ...], work_dir: Path, out_dir: Path, cfg: TrainConfig
                                           for layer in cfg.exit_layers}, **base_card}
         _save(model, tokenizer, out_dir / "target", card)
     if "drafter" in stages:
-        teacher = AutoModelForCausalLM.from_pretrained(out_dir / "target", torch_dtype=torch.bfloat16).to(device).eval()
+        teacher = AutoModelForCausalLM.from_pretrained(out_dir / "target", dtype=torch.bfloat16).to(device).eval()
         dcfg = replace(cfg, max_minutes=drafter_minutes, lr=3e-3, seed=cfg.seed + 1)
         model = make_model(DRAFTER_SHAPE, dcfg, tokenizer).to(device)
         stats = fit(model, train, dcfg, "drafter", teacher=teacher)

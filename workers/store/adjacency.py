@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .counters import lookup_rates, record_lookup
 from .keys import Keys, StoreConfig, pack, unpack
 
 
@@ -51,11 +52,7 @@ class AdjacencyTable:
             self.counters["updates"] += len(tokens)
 
     def record(self, drafted: int, accepted: int, hit: bool) -> None:
-        c = self.counters
-        c["lookups"] += 1
-        c["hits"] += hit
-        c["drafted"] += drafted
-        c["accepted"] += accepted
+        record_lookup(self.counters, drafted, accepted, hit)
 
     def mark_all_dirty(self) -> None:
         with self.lock:
@@ -114,9 +111,7 @@ class AdjacencyTable:
 
     def stats(self) -> dict:
         c = dict(self.counters)
-        return c | {"rows": sum(1 for row in self.rows if row), "pending": len(self.pending),
-                    "hit_rate": c["hits"] / c["lookups"] if c["lookups"] else 0.0,
-                    "acceptance_rate": c["accepted"] / c["drafted"] if c["drafted"] else 0.0}
+        return c | {"rows": sum(1 for row in self.rows if row), "pending": len(self.pending)} | lookup_rates(c)
 
 
 def _token(field: bytes) -> int:

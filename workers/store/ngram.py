@@ -19,6 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from .counters import lookup_rates, record_lookup
 from .keys import Keys, NgramConfig, StoreConfig, pack, unpack
 
 Context = tuple[int, ...]
@@ -136,11 +137,7 @@ class NgramTable:
             self._bound()
 
     def record(self, drafted: int, accepted: int, hit: bool) -> None:
-        c = self.counters
-        c["lookups"] += 1
-        c["hits"] += hit
-        c["drafted"] += drafted
-        c["accepted"] += accepted
+        record_lookup(self.counters, drafted, accepted, hit)
 
     def _row(self, ctx: Context) -> list[int]:
         row = self.rows.get(ctx)
@@ -245,9 +242,7 @@ class NgramTable:
 
     def stats(self) -> dict:
         c = dict(self.counters)
-        return c | {"contexts": len(self.rows), "pending": len(self.pending),
-                    "hit_rate": c["hits"] / c["lookups"] if c["lookups"] else 0.0,
-                    "acceptance_rate": c["accepted"] / c["drafted"] if c["drafted"] else 0.0}
+        return c | {"contexts": len(self.rows), "pending": len(self.pending)} | lookup_rates(c)
 
 
 def read_corpus(path: str | Path, tokenizer=None) -> Iterable[list[int]]:
