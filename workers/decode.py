@@ -1,13 +1,15 @@
 """The decode loop, written once: propose → one target forward over [last, *draft] → verify → roll back → observe.
 
 The target's KV cache holds every token but the last (gpt-fast's convention), so each step scores `last`
-together with the draft. A proposer may define `observe_logits(seq, draft, logits)`: it then also receives the
-target's logits [k'+1, V] over [last, *draft.tokens], before `observe` (Token Recycling learns from them).
+together with the draft. Every proposer's `observe` gets the same Verdict, which also carries what the target
+scored ([last, *draft.tokens] as verified) and its raw logits [k'+1, V]: arms that learn from the target (Token
+Recycling) read them, the others ignore them.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -49,15 +51,14 @@ def decode(session: Session, proposer: Proposer, prompt: list[int], params: Samp
         t1 = time.perf_counter()
         logits = _score(session, seq[-1], draft)                              # [k'+1, V]
         scored = constraint.mask(logits, draft, params) if constraint is not None else logits
-        verdict = verify(scored, draft, params, generator, eos_ids, budget)
+        verdict = replace(verify(scored, draft, params, generator, eos_ids, budget),
+                          scored=[seq[-1], *draft.tokens], logits=logits)
         if verdict.path:  # tree: move the accepted nodes' cache entries onto the sequence
             session.keep([len(seq) + i for i in verdict.path], len(seq))
         session.rollback(len(seq) + verdict.accepted)
         t2 = time.perf_counter()
         try:
             if forced is None:  # a step the grammar drafted is none of the arm's business
-                if hasattr(proposer, "observe_logits"):  # optional: arms that learn from the target's scores
-                    proposer.observe_logits(seq, draft, logits)
                 proposer.observe(seq, verdict)
         except Exception as exc:
             stats.fallback, proposer = f"{type(exc).__name__}: {exc}", ARProposer()

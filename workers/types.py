@@ -72,6 +72,10 @@ class Verdict:
     accepted: int                      # draft tokens kept, 0..k'
     emitted: list[int]                 # accepted tokens + one bonus-or-recovered token (fewer if cut by EOS/max)
     path: list[int] | None = None      # tree drafts: indices of the accepted nodes, root to leaf
+    scored: list[int] | None = None    # [k'+1] what the target scored: [last, *draft.tokens] (the draft as verified)
+    logits: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    # [k'+1, V] the target's raw scores right after each `scored` token (before any grammar mask), for arms that
+    # learn from the target (Token Recycling); None where nothing was scored (unit tests)
 
 
 class Proposer(Protocol):

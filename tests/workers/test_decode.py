@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 
 from metaspec.workers import registry
 from metaspec.workers.decode import decode
@@ -152,6 +153,47 @@ def test_partial_acceptance_rolls_the_cache_back(models, ar_out, corrupt):
     assert run(models[0], proposer, stats=stats) == ar_out
     assert stats.accepted < stats.drafted
     assert any(0 < v.accepted < 5 for v in proposer.verdicts) or corrupt == set(range(12, 60))
+
+
+# --- what every proposer observes ------------------------------------------------------------------------------
+
+def test_every_verdict_carries_what_the_target_scored(models, ar_out):
+    """observe gets [last, *draft] and the target's raw logits after each: the same data for every proposer."""
+    target = models[0]
+    proposer = Scripted(PROMPT + ar_out, length=3, corrupt=frozenset({14, 20}))
+    assert run(target, proposer) == ar_out
+    seq, reference = list(PROMPT), target.session(len(PROMPT) + 60)
+    reference.forward(PROMPT[:-1])
+    for v in proposer.verdicts:
+        assert v.scored[0] == seq[-1] and len(v.scored) == v.logits.shape[0] and v.logits.shape[1] == 512
+        assert v.logits[: v.accepted + 1].argmax(-1).tolist() == v.emitted       # greedy: argmax rows are AR's
+        want = reference.forward(v.scored)                                       # the same forward, done again
+        assert (v.logits - want).abs().max() < 1e-4
+        reference.rollback(len(seq) + v.accepted)
+        seq += v.emitted
+    assert any(len(v.scored) > v.accepted + 1 for v in proposer.verdicts)        # rejected rows are carried too
+
+
+def test_a_constrained_verdict_carries_the_draft_as_pruned(tiny_engine):
+    from metaspec.workers.constraint import ConstraintSpec
+
+    tok = tiny_engine.tokenizer
+    a, c, x = (tok.convert_tokens_to_ids([t])[0] for t in "acx")
+
+    class Junk(Scripted):
+        def propose(self, seq, k):
+            self.calls += 1
+            return Draft([a, x, c][:k])
+
+    params = SamplingParams(max_tokens=4)
+    constraint = tiny_engine.grammars.start(ConstraintSpec("regex", "(a|b)c+"), params, ())
+    proposer = Junk([])
+    session = tiny_engine.target.session(64)
+    prompt = tok.encode("x", add_special_tokens=False)
+    list(decode(session, proposer, prompt, params, None, tiny_engine.eos_ids, 64, 8, None, constraint))
+    first = proposer.verdicts[0]
+    assert first.scored == [prompt[-1], a] and first.logits.shape[0] == 2   # x and what follows it were pruned
+    assert not torch.isinf(first.logits).any()                              # raw scores, not the grammar's mask
 
 
 # --- an arm failing mid-request ------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from metaspec.workers.proposers.recycling import RecyclingConfig, RecyclingPropo
 from metaspec.workers.registry import ArmContext, build
 from metaspec.workers.store import AdjacencyTable, NgramConfig, NgramTable
 from metaspec.workers.tree_draft import best_chain, draft_tree, make_template, spine
-from metaspec.workers.types import DecodeStats, Draft, RequestError, SamplingParams, Verdict
+from metaspec.workers.types import DecodeStats, RequestError, SamplingParams, Verdict
 
 from ..conftest import make_engine
 
@@ -89,7 +89,9 @@ def test_recycling_drafts_from_the_recycled_rows():
     assert proposer.propose([1, 2], k=4).tokens == []
     logits = torch.full((3, 10), -5.0)
     logits[0, 4], logits[1, 5], logits[2, 2] = 1.0, 1.0, 1.0      # after 2 -> 4, after 4 -> 5, after 5 -> 2
-    proposer.observe_logits([1, 2], Draft([4, 5]), logits)
+    proposer.observe([1, 2], Verdict(accepted=0, emitted=[4]))     # nothing scored: nothing recycled
+    assert proposer.propose([7, 2], k=4).tokens == []
+    proposer.observe([1, 2], Verdict(accepted=1, emitted=[4, 5], scored=[2, 4, 5], logits=logits))
     assert [table.next_tokens(t)[0] for t in (2, 4, 5)] == [4, 5, 2]
     assert proposer.propose([7, 2], k=4).tokens == [4, 5, 2, 4]
     assert proposer.propose([7, 2], k=2).tokens == [4, 5]
@@ -102,17 +104,19 @@ class _Recording(RecyclingProposer):
         super().__init__(table, RecyclingConfig())
         self.steps = []
 
-    def observe_logits(self, seq, draft, logits):
-        self.steps.append([list(seq), [seq[-1], *draft.tokens], logits.argmax(-1).tolist(), None])
-        super().observe_logits(seq, draft, logits)
+    def propose(self, seq, k):
+        self.draft = super().propose(seq, k)
+        return self.draft
 
     def observe(self, seq, verdict):
-        self.steps[-1][3] = verdict
+        self.steps.append([list(seq), verdict.scored, verdict.logits.argmax(-1).tolist(), verdict])
+        assert verdict.scored == [seq[-1], *self.draft.tokens]    # unconstrained: the draft as proposed
         super().observe(seq, verdict)
 
 
 def test_decode_feeds_recycling_the_targets_logits(tiny_pair):
-    """The hook gets [last, *draft] with the logits after each; each row ends as the top of its last scoring."""
+    """observe's Verdict carries [last, *draft] with the logits after each; each row ends as the top of its last
+    scoring."""
     from transformers import AutoTokenizer
 
     target = load_model(ModelConfig(tiny_pair.target))

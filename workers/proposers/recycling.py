@@ -1,16 +1,14 @@
 """Token Recycling: draft from an adjacency table of the target's own top-k next tokens.
 
-Every verified step scores [last, *draft]; the top-k of each row is recycled into the table
-(`resources["adjacency_table"]`: vocab x k, never reset, shared through Redis). Drafting looks up a static
-breadth-first tree template (the paper's ~80 nodes, depth 6); while verification is chain-only the arm drafts
-the template's best chain (argmax of the table at every depth).
+Every verified step scores [last, *draft]; `observe` recycles the top-k of each of the target's rows (carried by
+the Verdict) into the table (`resources["adjacency_table"]`: vocab x k, never reset, shared through Redis).
+Drafting looks up a static breadth-first tree template (the paper's ~80 nodes, depth 6); while verification is
+chain-only the arm drafts the template's best chain (argmax of the table at every depth).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from ..registry import ArmContext, register
 from ..store import AdjacencyTable
@@ -41,11 +39,9 @@ class RecyclingProposer:
         self.drafted = len(tokens)
         return Draft(tokens)
 
-    def observe_logits(self, seq: list[int], draft: Draft, logits: torch.Tensor) -> None:
-        """logits: [k'+1, V] the target's scores after each of [seq[-1], *draft.tokens]."""
-        self.table.update([seq[-1], *draft.tokens], logits)
-
     def observe(self, seq: list[int], verdict: Verdict) -> None:
+        if verdict.logits is not None:  # [k'+1, V] the target's scores after each of verdict.scored
+            self.table.update(verdict.scored, verdict.logits)
         self.table.record(self.drafted, verdict.accepted, self.drafted > 0)
 
 
