@@ -11,6 +11,7 @@ import torch
 
 from .constraint import ConstraintConfig, ConstraintSpec, GrammarCompiler
 from .decode import decode
+from .detokenize import Detokenizer
 from .model import Model, ModelConfig, load_model
 from .registry import ArmContext, arms, build
 from .sampling import make_generator
@@ -104,11 +105,12 @@ class Engine:
                          target_session=session, resources=self.resources)
         proposer = build(method, ctx)
         stats, out, text, sent, finish, ttft = DecodeStats(), [], "", 0, "length", None
+        detok, cut = Detokenizer(self.tokenizer), None
         for emitted in decode(session, proposer, ids, params, generator, self.eos_ids, capacity, self.cfg.k_max, stats,
                               constraint):
             ttft = ttft if ttft is not None else time.perf_counter() - t_start
             out.extend(emitted)
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            text += detok.push(emitted)       # only what is final: no decode of the whole output per step
             cut = _find_stop(text, params.stop, sent)
             if cut is not None:
                 text, finish = text[:cut], "stop"
@@ -119,6 +121,10 @@ class Engine:
             sent = max(sent, final)
             if cut is not None:
                 break
+        if cut is None:                       # what the detokenizer held back (a character cut by the last token)
+            text += detok.flush()
+            if (cut := _find_stop(text, params.stop, sent)) is not None:
+                text, finish = text[:cut], "stop"
         if constraint is not None:
             constraint.close()
         wall = time.perf_counter() - t_start
@@ -144,10 +150,5 @@ def _find_stop(text: str, stops: tuple[str, ...], searched_from: int) -> int | N
 
 
 def _stable_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of text that can be streamed now: hold back a possible stop-string prefix and partial UTF-8."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    if stops:
-        end = max(0, min(end, len(text) - max(map(len, stops)) + 1))
-    return end
+    """Length of text that can be streamed now: hold back what could be the start of a stop string."""
+    return max(0, len(text) - max(map(len, stops)) + 1) if stops else len(text)
