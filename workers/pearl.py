@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .drafter_cache import DrafterCache
 from .model import Model, ModelConfig, load_model
 from .sampling import probs_from_logits, sample
 from .types import SamplingParams
@@ -182,27 +183,6 @@ def position_seed(seed: int, position: int) -> int:
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
-class _Feeder:
-    """The drafter's KV cache kept equal to a prefix of its chain (common-prefix rollback on a new epoch)."""
-
-    def __init__(self, model: Model, capacity: int) -> None:
-        self.session, self.fed = model.session(capacity), []
-
-    def restart(self, prefix: np.ndarray) -> None:
-        m = min(len(self.fed), len(prefix) - 1)  # the last token is always fed again to get its logits
-        diff = np.flatnonzero(np.asarray(self.fed[:m], dtype=np.int64) != prefix[:m])
-        common = int(diff[0]) if len(diff) else m
-        del self.fed[common:]
-        self.session.rollback(common)
-
-    def logits_after(self, chain: list[int]) -> tuple[torch.Tensor, int]:
-        """([V] logits for the position after chain, tokens fed); fed must be a prefix of chain."""
-        new = chain[len(self.fed):]
-        logits = self.session.forward(new)[-1]
-        self.fed.extend(new)
-        return logits, len(new)
-
-
 def _request_params(ch: Channel) -> tuple[SamplingParams, int]:
     temperature, top_k, top_p, seed = ch.params.tolist()
     return SamplingParams(temperature=temperature, top_k=int(top_k), top_p=top_p), int(seed)
@@ -222,7 +202,7 @@ def _calibrate(model: Model) -> int:
 
 def serve(ch: Channel, model: Model, spin_s: float, parent_pid: int | None = None) -> None:
     """The drafter's loop: draft ahead of the committed sequence until told to shut down."""
-    c, feeder, gen = ch.ctl, _Feeder(model, ch.capacity), torch.Generator()
+    c, feeder, gen = ch.ctl, DrafterCache(model, ch.capacity), torch.Generator()
     c[D_CALIB_NS] = c[D_STEP_NS] = _calibrate(model)
     c[D_READY] = 1
     epoch, req, chain, params, seed, traced = -1, -1, [], SamplingParams(), 0, 0
@@ -238,7 +218,7 @@ def serve(ch: Channel, model: Model, spin_s: float, parent_pid: int | None = Non
             if c[M_REQ] != req:
                 req, (params, seed) = int(c[M_REQ]), _request_params(ch)
             prefix = ch.seq[:n].copy()
-            feeder.restart(prefix)
+            feeder.rollback_to(prefix)   # common-prefix rollback on a new epoch
             chain = prefix.tolist()
             c[D_EPOCH], c[D_START], c[D_END] = -1, n, n
             c[D_EPOCH] = epoch

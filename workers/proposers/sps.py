@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..drafter_cache import DrafterCache
 from ..model import Model
 from ..registry import ArmContext, register
 from ..sampling import probs_from_logits, sample
@@ -30,24 +31,6 @@ def entropy(probs: torch.Tensor) -> float:
     return float(-(p * p.log()).sum())
 
 
-class DrafterCache:
-    """The drafter's KV cache kept in step with the sequence by common-prefix rollback."""
-
-    def __init__(self, drafter: Model, capacity: int) -> None:
-        self.session, self.fed = drafter.session(capacity), []
-
-    def logits_after(self, seq: list[int]) -> torch.Tensor:
-        """[V] logits for the position after `seq`, feeding only what the cache lacks."""
-        common = 0
-        limit = min(len(self.fed), len(seq) - 1)  # the last token is always fed to get its logits
-        while common < limit and self.fed[common] == seq[common]:
-            common += 1
-        self.session.rollback(common)
-        logits = self.session.forward(seq[common:])[-1]
-        self.fed = list(seq)
-        return logits
-
-
 class SpsProposer:
     def __init__(self, drafter: Model, params: SamplingParams, generator, cfg: SpsConfig, capacity: int) -> None:
         self.cache = DrafterCache(drafter, capacity)
@@ -57,7 +40,7 @@ class SpsProposer:
     def propose(self, seq: list[int], k: int) -> Draft:
         tokens, rows, ctx = [], [], list(seq)
         while len(tokens) < min(k, self.k):
-            logits = self.cache.logits_after(ctx)                              # [V]
+            logits, _ = self.cache.logits_after(ctx)                           # [V]
             q = probs_from_logits(logits, self.params)                         # [V]
             token = int(q.argmax()) if self.params.greedy else sample(q, self.generator)
             tokens.append(token)
