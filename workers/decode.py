@@ -41,9 +41,10 @@ def decode(session: Session, proposer: Proposer, prompt: list[int], params: Samp
     budget = min(params.max_tokens, capacity - len(prompt))
     while budget > 0:
         t0 = time.perf_counter()
-        forced = constraint.forced(min(k, budget - 1)) if constraint is not None else None
+        room = min(k, budget - 1)  # draft nodes the cache and the budget hold: [last, *draft] fills room + 1 slots
+        forced = constraint.forced(room) if constraint is not None else None
         try:
-            draft = forced or proposer.propose(seq, min(k, budget - 1))
+            draft = (forced or proposer.propose(seq, room)).head(room)  # a tree arm's template may be wider than k
         except Exception as exc:  # an arm's failure must not fail the request
             stats.fallback, proposer = f"{type(exc).__name__}: {exc}", ARProposer()
             draft = proposer.propose(seq, 0)

@@ -57,6 +57,14 @@ class Draft:
             if self.probs is not None:
                 raise ValueError("tree drafts must be deterministic (probs=None)")
 
+    def head(self, n: int) -> Draft:
+        """The first n nodes: a chain's first n tokens, or a tree's first n nodes (a tree, as parents[i] < i)."""
+        if len(self.tokens) <= n:
+            return self
+        n = max(0, n)
+        return Draft(self.tokens[:n], None if self.probs is None else self.probs[:n],
+                     None if self.parents is None else self.parents[:n])
+
     def depths(self) -> list[int]:
         """Depth of every node (1 = child of `last`); a chain's node i has depth i + 1."""
         if self.parents is None:

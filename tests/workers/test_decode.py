@@ -231,6 +231,56 @@ def test_failing_arm_through_the_engine_records_the_fallback(tiny_engine, monkey
     assert want.stats["fallback"] is None
 
 
+# --- draft size: k nodes at most, whatever the proposer returns -----------------------------------------------
+
+class WideTree:
+    """Ignores k: a tree of the oracle's next `depth` tokens (the spine) with a wrong sibling under every node."""
+
+    def __init__(self, oracle: list[int], depth: int = 12) -> None:
+        self.oracle, self.depth, self.scored = oracle, depth, []
+
+    def propose(self, seq, k):
+        truth = self.oracle[len(seq): len(seq) + self.depth]
+        tokens, parents = [], []
+        for i, t in enumerate(truth):                    # breadth-first enough: parents[i] < i
+            parent = -1 if i == 0 else 2 * (i - 1)
+            tokens += [t, (t + 1) % 512]
+            parents += [parent, parent]
+        return Draft(tokens, parents=parents) if tokens else Draft([])
+
+    def observe(self, seq, verdict):
+        self.scored.append(len(verdict.scored))
+
+
+@pytest.mark.parametrize("max_tokens", [3, 9, 40])
+def test_an_oversized_tree_draft_is_cut_to_k_nodes_near_max_tokens(models, ar_out, max_tokens):
+    """The engine's cache holds prompt + max_tokens + k + 1 positions: a 24-node tree must not overflow it."""
+    params, k = SamplingParams(max_tokens=max_tokens), 4
+    proposer = WideTree(PROMPT + ar_out + [0] * 20)
+    assert run(models[0], proposer, params, k=k) == ar_out[:max_tokens]
+    assert max(proposer.scored) <= k + 1 and max(proposer.scored) > 1
+
+
+def test_an_oversized_tree_draft_near_the_context_end(tiny_engine, monkeypatch):
+    oracle: list[int] = []                               # filled below, read by every WideTree built
+    monkeypatch.setitem(registry._ARMS, "wide", Arm("wide", lambda ctx: WideTree(oracle), frozenset(), "test arm"))
+    context = tiny_engine.target.max_context
+    ids = tuple((PROMPT * 200)[: context - 6])
+    want = tiny_engine.generate(Request(prompt_ids=ids, params=SamplingParams(max_tokens=48), method="ar"))
+    oracle += list(ids) + want.token_ids + [0] * 20
+    got = tiny_engine.generate(Request(prompt_ids=ids, params=SamplingParams(max_tokens=48), method="wide"))
+    assert got.token_ids == want.token_ids and len(got.token_ids) == 6 and got.stats["fallback"] is None
+    assert got.stats["accepted"] > 0
+
+
+def test_draft_head_keeps_a_valid_prefix():
+    chain = Draft([4, 5, 6], probs=torch.eye(8)[[4, 5, 6]])
+    assert chain.head(5) is chain and chain.head(2).tokens == [4, 5] and chain.head(2).probs.shape == (2, 8)
+    tree = Draft([1, 2, 3, 4], parents=[-1, -1, 0, 2])
+    cut = tree.head(3)
+    assert (cut.tokens, cut.parents) == ([1, 2, 3], [-1, -1, 0]) and tree.head(0).tokens == []
+
+
 # --- stop strings ---------------------------------------------------------------------------------------------------
 
 STOP_PROMPT = "Question: what is the capital of France?\nAnswer:"
