@@ -124,14 +124,19 @@ def runs(cfg: CollectConfig, engine, prompts: list[Prompt], methods: list[str], 
                 feats = request_features(RequestInput(ids, text, cfg.max_tokens, t, params.top_p, False), hit_rate)
                 feats |= pool_feats | {"feature_version": float(FEATURE_VERSION)}
                 turn += 1
+                first = None
                 for method in methods[turn % len(methods):] + methods[: turn % len(methods)]:
                     result = engine.generate(Request(prompt_ids=tuple(ids), params=params, method=method))
+                    first = first or result
                     yield _outcome(prompt, method, cfg.pool, feats, t, cfg.max_tokens, result, repeat)
+                if table is not None:  # once, after every arm ran: no arm drafts from this prompt's own output
+                    table.learn(ids, first.token_ids)
 
 
 def build_engine(cfg: CollectConfig):
     """An in-process engine with local (Redis-less) n-gram and adjacency tables, so the table-driven arms run;
-    the tables warm up from the collected traffic itself, as a fresh service's would."""
+    the tables warm up from the collected traffic itself, as a fresh service's would (the n-gram table learns each
+    request once, in `runs`, not from every arm's run of it)."""
     import torch
 
     from metaspec.workers.engine import Engine, EngineConfig
@@ -141,7 +146,7 @@ def build_engine(cfg: CollectConfig):
         torch.set_num_threads(cfg.threads)
     drafter = ModelConfig(cfg.drafter, cfg.dtype, threads=cfg.threads) if cfg.drafter else None
     engine = Engine(EngineConfig(ModelConfig(cfg.target, cfg.dtype, threads=cfg.threads), drafter,
-                                 default_method="ar"))
+                                 default_method="ar", learn_emitted=False))
     try:
         from metaspec.workers.store import AdjacencyTable, NgramConfig, NgramTable
     except ImportError:      # a build without the table-driven arms

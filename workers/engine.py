@@ -26,6 +26,8 @@ class EngineConfig:
     k_max: int = 8                           # longest draft any arm may propose in one step
     default_method: str = "sps"              # arm used when a request names none and no selector is attached
     constraints: ConstraintConfig = ConstraintConfig()  # grammar compile limits, cache, fast-forward
+    learn_emitted: bool = True               # at request end, teach resources["ngram_table"] (if any) the emitted
+                                             # tokens, whatever the arm; off where runs must not see each other (bench)
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,20 @@ class Engine:
                 text, finish = text[:cut], "stop"
         if constraint is not None:
             constraint.close()
+        self._learn(ids, out)
         wall = time.perf_counter() - t_start
         s = asdict(stats) | {"acceptance_length": stats.acceptance_length, "acceptance_rate": stats.acceptance_rate}
         if sent < len(text):
             yield Chunk([], text[sent:])
         yield Result(text, out, finish, method, len(ids), ttft or wall, wall, s)
+
+    def _learn(self, prompt: list[int], emitted: list[int]) -> None:
+        """Request end: every arm's verified tokens teach the shared n-gram table's local copy; the background
+        syncer pushes them to Redis with its next pipelined round (every sync_interval_s). The adjacency table
+        learns only under `recycling`: it needs the target's logits at each step, which other arms would pay for."""
+        table = self.resources.get("ngram_table") if self.cfg.learn_emitted else None
+        if table is not None and emitted:
+            table.learn(prompt, emitted)
 
     def generate(self, request: Request) -> Result:
         for item in self.stream(request):

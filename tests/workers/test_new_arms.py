@@ -62,11 +62,15 @@ def test_ngram_store_drafts_the_longest_match_and_learns_what_it_emits():
     assert proposer.propose([40], k=4).tokens == [] and proposer.propose([1, 2], k=0).tokens == []
     proposer.propose([5, 6], k=2)
     proposer.observe([5, 6], Verdict(accepted=0, emitted=[11]))
-    assert proposer.propose([5, 6], k=2).tokens == [11]            # learned within the request
+    assert proposer.propose([5, 6], k=2).tokens == [11]            # learned within the request (privately)
+    assert table.following([5, 6]) == [] and table.following([6]) == []   # the engine teaches the shared one
+    proposer.observe([7, 3], Verdict(accepted=0, emitted=[9]))     # own: (3,) -> 9 and (7, 3) -> 9
+    assert proposer.propose([1, 2, 3], k=1).tokens == [4]          # a longer shared context beats own (3,)
+    assert proposer.propose([3, 3], k=1).tokens == [9]             # same length (3,): own 9 before shared 4
     tokens, parents = ngram_tree(table, [9, 2, 3], make_template(24, 8, top_accept=0.8))
     assert best_chain(tokens, parents, 1) == [7] and {4, 7} <= {tokens[i] for i, p in enumerate(parents) if p < 0}
     s = table.stats()
-    assert s["lookups"] == 1 and s["hits"] == 0 and s["learned_tokens"] == 10
+    assert s["lookups"] == 2 and s["hits"] == 1 and s["learned_tokens"] == 9
 
 
 def test_ngram_store_learns_emitted_tokens_only(tiny_pair):
@@ -78,6 +82,34 @@ def test_ngram_store_learns_emitted_tokens_only(tiny_pair):
     assert table.stats()["learned_tokens"] == len(result.token_ids) == 16
     for n in (1, 2, 3, 4):                                         # one count per emitted token per order
         assert sum(sum(row[1::2]) for ctx, row in table.rows.items() if len(ctx) == n) == 16
+
+
+@pytest.mark.parametrize("method", ["ar", "pld", "sps", "recycling", "early_exit", "ngram_store"])
+def test_every_arm_teaches_the_shared_table_once_at_request_end(tiny_pair, method):
+    engine = make_engine(tiny_pair)
+    table = NgramTable(NgramConfig(max_continuations=64), engine.target.vocab_size)
+    engine.resources["ngram_table"] = table
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    steps = list(engine.stream(Request(prompt="x = [1, 2, 3]\ny =", params=params, method=method)))
+    result = steps[-1]
+    assert table.stats()["learned_tokens"] == len(result.token_ids) == 24
+    ids, out = engine.encode(Request(prompt="x = [1, 2, 3]\ny =")), result.token_ids
+    full = ids + out
+    for j in range(len(ids), len(full)):                          # every emitted token after its 1..4 predecessors
+        for n in range(1, 5):
+            assert full[j] in table.following(full[j - n: j]), (j, n)
+    ngram = engine.generate(Request(prompt="x = [1, 2, 3]\ny =", params=params, method="ngram_store"))
+    assert ngram.token_ids == out and ngram.stats["accepted"] >= 12   # the next request drafts from it
+
+
+def test_learning_can_be_switched_off_for_benchmarks(tiny_pair):
+    from dataclasses import replace
+
+    engine = make_engine(tiny_pair)
+    engine.cfg = replace(engine.cfg, learn_emitted=False)
+    table = engine.resources["ngram_table"] = NgramTable(NgramConfig(), engine.target.vocab_size)
+    engine.generate(Request(prompt="a b c", params=SamplingParams(max_tokens=8), method="ar"))
+    assert table.stats()["learned_tokens"] == 0 and not table.rows
 
 
 # -- recycling ----------------------------------------------------------------------------------------------------

@@ -278,13 +278,13 @@ def test_redis_killed_mid_request_loses_nothing(server, tiny_pair):
         tables.close()
 
 
-def _serve(target: str, url: str, fp: str, prompts: list[str], out) -> None:
-    """One worker process: pull the shared tables, serve `prompts` with ngram_store, push, report acceptance."""
+def _serve(target: str, url: str, fp: str, prompts: list[str], method: str, out) -> None:
+    """One worker process: pull the shared tables, serve `prompts` with `method`, push, report acceptance."""
     torch.set_num_threads(1)
     engine, tables = _engine_with_tables(target, url, fp)
     tables.flush()
     params = SamplingParams(max_tokens=40, ignore_eos=True)
-    results = [engine.generate(Request(prompt=p, params=params, method="ngram_store")) for p in prompts]
+    results = [engine.generate(Request(prompt=p, params=params, method=method)) for p in prompts]
     tables.close()
     out.put([(r.stats["drafted"], r.stats["accepted"], r.stats["steps"]) for r in results])
 
@@ -300,13 +300,16 @@ def _run_worker(*args) -> list[tuple[int, int, int]]:
     return result
 
 
-def test_second_worker_drafts_better_after_the_first_served_related_prompts(server, tiny_pair):
+@pytest.mark.parametrize("first_method", ["ngram_store", "ar"])
+def test_second_worker_drafts_better_after_the_first_served_related_prompts(server, tiny_pair, first_method):
+    """Whatever arm served the first worker's requests (`ar` drafts nothing), their emitted tokens teach the
+    shared table at request end, and the second worker's ngram_store drafts from them."""
     first = [f"{p} {suffix}" for p in PROMPTS for suffix in ("x", "y")]
     related = [f"{p} {suffix}" for p in PROMPTS for suffix in ("z",)]
     fp = uuid.uuid4().hex[:12]
-    cold = _run_worker(tiny_pair.target, server.url, "cold-" + fp, related)   # same prompts, empty namespace
-    _run_worker(tiny_pair.target, server.url, fp, first)
-    warm = _run_worker(tiny_pair.target, server.url, fp, related)
+    cold = _run_worker(tiny_pair.target, server.url, "cold-" + fp, related, "ngram_store")   # empty namespace
+    _run_worker(tiny_pair.target, server.url, fp, first, first_method)
+    warm = _run_worker(tiny_pair.target, server.url, fp, related, "ngram_store")
     cold_steps, warm_steps = sum(s for _, _, s in cold), sum(s for _, _, s in warm)
     cold_acc, warm_acc = sum(a for _, a, _ in cold), sum(a for _, a, _ in warm)
     print("cold", cold, "warm", warm)

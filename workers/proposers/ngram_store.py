@@ -1,9 +1,11 @@
 """Corpus n-grams (in the spirit of REST/ADED): draft from the shared table learned from every emitted sequence.
 
 The table (`resources["ngram_table"]`, workers/store) maps the last 1..4 tokens to their most frequent
-continuations across all requests of all workers. Drafting walks the longest match; the candidate tree is built
-breadth-first from a static template and, while verification is chain-only, the arm drafts its best chain.
-Learns only emitted (verified) tokens, in `observe`; the background syncer shares them through Redis.
+continuations across all requests of all workers: the engine teaches it every request's emitted tokens at request
+end, whatever the arm, and the background syncer shares them through Redis. Within a request the arm also learns
+its own emitted tokens in a private table (consulted first at each context length, never shared, so the shared
+table counts each request once). Drafting walks the longest match; the candidate tree is built breadth-first from
+a static template and the arm drafts its best chain.
 """
 
 from __future__ import annotations
@@ -22,28 +24,45 @@ class NgramStoreConfig:
     tree_depth: int = 8       # deepest node = longest draft
 
 
-def ngram_tree(table: NgramTable, seq: list[int], template: Template) -> tuple[list[int], list[int]]:
+def continuations(tables: list[NgramTable], seq: list[int] | tuple[int, ...]) -> list[int]:
+    """Next tokens after seq: longest context first; at each length every table's row in turn, no repeats.
+
+    >>> shared.learn([], [1, 2, 7]); own.learn([], [5, 2, 9])
+    >>> continuations([own, shared], [1, 2])      # (1, 2) -> 7 outranks own (2,) -> 9
+    [7, 9]
+    """
+    cfg, out = tables[0].cfg, []
+    for n in range(min(cfg.max_order, len(seq)), cfg.min_order - 1, -1):
+        context = tuple(seq[-n:])
+        for table in tables:
+            out += [t for t in table.following(context) if t not in out]
+    return out
+
+
+def ngram_tree(table: NgramTable, seq: list[int], template: Template,
+               own: NgramTable | None = None) -> tuple[list[int], list[int]]:
     """(tokens, parents) of the candidate tree after `seq`: a node's children continue its path's longest match,
-    then what shorter contexts add."""
-    tail = tuple(seq[-table.cfg.max_order:])
-    return draft_tree(template, lambda path: table.continuations(tail + path, backoff=True))
+    then what shorter contexts add; `own` (this request's table) ranks before `table` at each context length."""
+    tail, tables = tuple(seq[-table.cfg.max_order:]), [table] if own is None else [own, table]
+    return draft_tree(template, lambda path: continuations(tables, tail + path))
 
 
 class NgramStoreProposer:
     def __init__(self, table: NgramTable, cfg: NgramStoreConfig) -> None:
         self.table = table
+        self.own = NgramTable(table.cfg, table.vocab_size)   # this request's emitted tokens (private)
         self.template = make_template(cfg.tree_nodes, cfg.tree_depth, top_accept=0.8)
         self.chain = spine(self.template)   # the only part a chain draft reads
         self.drafted = 0
 
     def propose(self, seq: list[int], k: int) -> Draft:
-        tokens = best_chain(*ngram_tree(self.table, seq, self.chain), k) if k > 0 else []
+        tokens = best_chain(*ngram_tree(self.table, seq, self.chain, self.own), k) if k > 0 else []
         self.drafted = len(tokens)
         return Draft(tokens)
 
     def observe(self, seq: list[int], verdict: Verdict) -> None:
         self.table.record(self.drafted, verdict.accepted, self.drafted > 0)
-        self.table.learn(seq, verdict.emitted)
+        self.own.learn(seq, verdict.emitted)
 
 
 @register("ngram_store", requires=("ngram_table",),

@@ -120,6 +120,11 @@ class NgramTable:
                 out += [t for t in row[0::2] if t not in out]
         return out
 
+    def following(self, context: list[int] | tuple[int, ...]) -> list[int]:
+        """Next tokens after exactly this context (no shorter match), most frequent first."""
+        row = self.rows.get(tuple(context))
+        return row[0::2] if row else []
+
     def learn(self, context: list[int], emitted: list[int]) -> None:
         """Count every emitted token after each of its 1..max_order preceding tokens (context may precede)."""
         order, cap = self.cfg.max_order, self.cfg.max_continuations
