@@ -2,7 +2,9 @@
 
 For each repeat and each prompt every runner (our arms, and HF's own `generate` variants with `--compare-hf`)
 runs once, in an order rotated per prompt, so machine noise hits all of them alike. Output: `bench.json` (raw
-per-run records, summary, machine info), a table on stdout and `speedup.png`.
+per-run records, summary, machine info), a table on stdout and `speedup.png`. The table-driven arms run once per
+table mode, as `ngram_store:cold` / `ngram_store:warm` (metaspec/bench_tables.py): from empty tables, and from
+tables a pass over other prompts of the same category filled (locally, or through Redis with `redis_url`).
 
 >>> result = run_bench(BenchConfig(categories=("qa", "humaneval"), n_per_category=2, max_tokens=32))
 >>> [(r["category"], r["arm"]) for r in result["summary"]][:3]
@@ -24,7 +26,9 @@ import torch
 
 from metaspec.bench_generate import DEFAULT_CHECKPOINTS, GenerateConfig, local_engine
 from metaspec.prompts import Prompt, find_data_dir, load_prompts, sample_prompts
+from metaspec.bench_report import table_gains
 from metaspec.workers.engine import Engine, Request
+from metaspec.workers.store import redact_url
 from metaspec.workers.types import SamplingParams
 
 
@@ -47,11 +51,18 @@ class BenchConfig:
     hf_prompt_lookup_tokens: int = 10        # HF's prompt_lookup_num_tokens
     warmup: bool = True                      # one untimed run per runner before measuring
     progress: bool = True                    # tqdm progress bar
+    table_modes: tuple[str, ...] = ("cold", "warm")  # table-driven arms run from empty and/or warmed tables
+    warm_per_category: int = 5               # other prompts per category run once to warm that category's tables
+    redis_url: str | None = None             # warm tables pass through this Redis (None = in-process tables)
 
     def __post_init__(self) -> None:
         for name in ("n_per_category", "repeats", "max_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.table_modes or set(self.table_modes) - {"cold", "warm"}:
+            raise ValueError(f"table_modes must be a non-empty subset of cold, warm; got {self.table_modes}")
+        if self.warm_per_category < 0:
+            raise ValueError(f"warm_per_category must be >= 0, got {self.warm_per_category}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,8 @@ class Runner:
     family: str                             # "ours" | "hf"
     run: Callable[[list[int]], RunOutput]   # prompt ids → one timed generation
     baseline_of: str | None = None          # for HF runners: which of our arms it is compared with
+    prepare: Callable[[BenchPrompt], dict] | None = None  # untimed set-up before each run (the table copy it
+                                                          # starts from); returns fields for the run's record
 
 
 @dataclass(frozen=True)
@@ -118,7 +131,12 @@ def rss_mb() -> float | None:
 # ---- runners -----------------------------------------------------------------------------------------------
 
 def build_engine(cfg: BenchConfig) -> Engine:
-    return local_engine(GenerateConfig(cfg.target, cfg.drafter, cfg.dtype, cfg.threads))
+    """The bench engine: runs never teach the tables, which start empty (so the table-driven arms can run)."""
+    from metaspec.bench_tables import Tables
+
+    engine = local_engine(GenerateConfig(cfg.target, cfg.drafter, cfg.dtype, cfg.threads), learn_emitted=False)
+    engine.resources.update(Tables.empty(engine.target.vocab_size).resources())
+    return engine
 
 
 def choose_arms(engine: Engine, wanted: tuple[str, ...] | None) -> list[str]:
@@ -142,9 +160,28 @@ def bench_params(cfg: BenchConfig) -> SamplingParams:
     return SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_tokens, seed=cfg.seed, ignore_eos=True)
 
 
-def make_runners(cfg: BenchConfig, engine: Engine) -> list[Runner]:
+def table_runner(engine: Engine, method: str, params: SamplingParams, mode: str, warm: dict) -> Runner:
+    """`method` from a fresh copy of its category's warm tables (or from empty ones) at every run."""
+    from metaspec.bench_tables import Tables
+
+    def prepare(bp: BenchPrompt) -> dict:
+        start = warm.get(bp.prompt.category) if mode == "warm" else None
+        tables = start.copy() if start is not None else Tables.empty(engine.target.vocab_size)
+        engine.resources.update(tables.resources())
+        return {"table_mode": mode} | {f"table_{k}": v for k, v in tables.size().items()}
+
+    return Runner(f"{method}:{mode}", "ours", our_runner(engine, method, params).run, prepare=prepare)
+
+
+def make_runners(cfg: BenchConfig, engine: Engine, warm: dict | None = None) -> list[Runner]:
+    """Our arms (table-driven ones once per table mode, from `warm`: category -> Tables), then HF's."""
+    from metaspec.bench_tables import table_arms
+
     params = bench_params(cfg)
-    runners = [our_runner(engine, m, params) for m in choose_arms(engine, cfg.arms)]
+    methods = choose_arms(engine, cfg.arms)
+    tabled = set(table_arms(methods))
+    runners = [table_runner(engine, m, params, mode, warm or {}) if m in tabled else our_runner(engine, m, params)
+               for m in methods for mode in (cfg.table_modes if m in tabled else ("",))]
     if cfg.compare_hf:
         from metaspec.bench_hf import hf_runners
         runners += hf_runners(cfg, engine.tokenizer)
@@ -184,6 +221,7 @@ def rotated(runners: list[Runner], shift: int) -> list[Runner]:
 
 def measure(runner: Runner, bp: BenchPrompt, repeat: int) -> dict:
     """One timed run → one raw record (without the AR comparison, added later)."""
+    extra = runner.prepare(bp) if runner.prepare is not None else {}
     reset_peak_rss()
     rss_start = rss_mb()
     out = runner.run(list(bp.ids))
@@ -199,7 +237,7 @@ def measure(runner: Runner, bp: BenchPrompt, repeat: int) -> dict:
         "steps": s.get("steps"), "acceptance_length": s.get("acceptance_length"),
         "acceptance_rate": s.get("acceptance_rate"), "fallback": s.get("fallback"),
         "peak_rss_mb": peak, "rss_start_mb": rss_start, "token_ids": list(out.token_ids),
-    }
+    } | extra
 
 
 def mark_matches(records: list[dict], eos_ids: frozenset[int]) -> None:
@@ -223,6 +261,8 @@ def run_loop(runners: list[Runner], prompts: list[BenchPrompt], cfg: BenchConfig
 
     if cfg.warmup:
         for runner in runners:
+            if runner.prepare is not None:
+                runner.prepare(prompts[0])
             runner.run(list(prompts[0].ids))
     records = []
     total = cfg.repeats * len(prompts) * len(runners)
@@ -284,19 +324,45 @@ def run_bench(cfg: BenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     engine = build_engine(cfg)
-    prompts = select_prompts(cfg, engine)
-    runners = make_runners(cfg, engine)
+    prompts, warm = select_prompts(cfg, engine), {}
+    tables = {"modes": list(cfg.table_modes), "through_redis": cfg.redis_url is not None, "warm": {}}
+    if "warm" in cfg.table_modes and table_arms_wanted(cfg, engine):
+        warm, tables["warm"] = warm_up(cfg, engine, prompts)
+    runners = make_runners(cfg, engine, warm)
     records = run_loop(runners, prompts, cfg)
     mark_matches(records, engine.eos_ids)
     order = [r.name for r in runners]
     return {
-        "config": asdict(cfg), "machine": machine_info(cfg, engine),
+        "config": asdict(cfg) | {"redis_url": redact_url(cfg.redis_url)}, "machine": machine_info(cfg, engine),
+        "tables": tables, "table_gains": table_gains(records),
         "prompts": [{"prompt_id": p.prompt.prompt_id, "category": p.prompt.category, "prompt_tokens": len(p.ids),
                      "truncated": p.truncated} for p in prompts],
         "prompt_digest": prompt_digest(prompts),
         "records": records, "summary": summarize(records, order), "hf_ratios": hf_ratios(records),
         "hf_settings": _hf_settings(cfg),
     }
+
+
+def table_arms_wanted(cfg: BenchConfig, engine: Engine) -> bool:
+    from metaspec.bench_tables import table_arms
+
+    return bool(table_arms(choose_arms(engine, cfg.arms)))
+
+
+def warm_up(cfg: BenchConfig, engine: Engine, measured: list[BenchPrompt]) -> tuple[dict, dict]:
+    """Fill each measured category's warm tables from other prompts of it: (category -> Tables, a JSON report)."""
+    from tqdm import tqdm
+
+    from metaspec.bench_tables import warm_prompts, warm_tables
+
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else find_data_dir()
+    chosen = warm_prompts(load_prompts(data_dir), [bp.prompt for bp in measured], cfg.warm_per_category, cfg.seed)
+    budget = prompt_budget(cfg, engine)
+    ids = {c: [list(bp.ids) for bp in tokenize(ps, engine, budget)] for c, ps in chosen.items()}
+    with tqdm(total=len(ids), desc="warm tables", unit="category", disable=not cfg.progress) as bar:
+        warm = warm_tables(engine, ids, bench_params(cfg), cfg.redis_url, lambda c: bar.update())
+    report = {c: {"prompts": [p.prompt_id for p in chosen[c]]} | warm[c].size() for c in warm}
+    return warm, report
 
 
 def _hf_settings(cfg: BenchConfig) -> dict | None:

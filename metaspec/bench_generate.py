@@ -36,15 +36,16 @@ def check_checkpoint(path: str) -> None:
                                 "`metaspec train` to build the shipped models")
 
 
-def local_engine(cfg: GenerateConfig) -> Engine:
-    """An in-process engine over the given checkpoints (the shipped ones by default)."""
+def local_engine(cfg: GenerateConfig, learn_emitted: bool = True) -> Engine:
+    """An in-process engine over the given checkpoints (the shipped ones by default); `learn_emitted` as in
+    EngineConfig (off in benchmarks, where one run must not teach the next)."""
     for path in filter(None, (cfg.target, cfg.drafter)):
         check_checkpoint(path)
     target = ModelConfig(cfg.target, dtype=cfg.dtype, threads=cfg.threads)
     drafter = ModelConfig(cfg.drafter, dtype=cfg.dtype, threads=cfg.threads) if cfg.drafter else None
     if drafter is None:  # the engine's default arm may need a drafter; AR needs nothing
-        return Engine(EngineConfig(target=target, default_method="ar"))
-    return Engine(EngineConfig(target=target, drafter=drafter))
+        return Engine(EngineConfig(target=target, default_method="ar", learn_emitted=learn_emitted))
+    return Engine(EngineConfig(target=target, drafter=drafter, learn_emitted=learn_emitted))
 
 
 def stream_text(engine: Engine, request: Request, out: TextIO | None = None) -> Result:

@@ -83,6 +83,17 @@ def hf_ratios(records: list[dict]) -> list[dict]:
             for c in categories for ours, hf in pairs if _ratio(spt, c, ours, hf) is not None]
 
 
+def table_gains(records: list[dict]) -> list[dict]:
+    """Per category: each table-driven arm's speed warm over cold (`X:warm` vs `X:cold`, same prompts, same run)."""
+    recs = _with_all(records)
+    spt = per_prompt_s_per_token(recs)
+    names = {r["arm"] for r in records}
+    methods = sorted({a.rsplit(":", 1)[0] for a in names if a.endswith(":warm") and a[:-5] + ":cold" in names})
+    categories = list(dict.fromkeys(r["category"] for r in recs))
+    return [{"category": c, "arm": m, "ratio": _ratio(spt, c, f"{m}:warm", f"{m}:cold")}
+            for c in categories for m in methods if _ratio(spt, c, f"{m}:warm", f"{m}:cold") is not None]
+
+
 # ---- text ----------------------------------------------------------------------------------------------------
 
 def _fmt(x, spec: str = ".2f") -> str:
@@ -102,12 +113,13 @@ def matrix(rows: list[dict], key: str, spec: str = ".2f", title: str = "") -> st
 
 
 def overall_table(rows: list[dict]) -> str:
-    head = (f"{'arm':<12}{'tok/s med':>10}{'tok/s mean':>11}{'vs AR':>7}{'acc len':>8}{'acc rate':>9}"
+    w = max([12] + [len(r["arm"]) + 1 for r in rows])
+    head = (f"{'arm':<{w}}{'tok/s med':>10}{'tok/s mean':>11}{'vs AR':>7}{'acc len':>8}{'acc rate':>9}"
             f"{'peak MiB':>9}{'+run MiB':>9}{'mismatch':>10}")
     lines = ["overall (all categories)", head]
     for r in rows:
         if r["category"] == ALL:
-            lines.append(f"{r['arm']:<12}{_fmt(r['tokens_per_s_median'], '.1f'):>10}"
+            lines.append(f"{r['arm']:<{w}}{_fmt(r['tokens_per_s_median'], '.1f'):>10}"
                          f"{_fmt(r['tokens_per_s_mean'], '.1f'):>11}{_fmt(r['speedup_vs_ar']):>7}"
                          f"{_fmt(r['acceptance_length']):>8}{_fmt(r['acceptance_rate']):>9}"
                          f"{r['peak_rss_mb']:>9.0f}{_fmt(r['run_mem_mb'], '.1f'):>9}{r['mismatches_vs_ar']:>6}/{r['checked_vs_ar']:<3}")
@@ -117,6 +129,10 @@ def overall_table(rows: list[dict]) -> str:
 def ratio_table(ratios: list[dict]) -> str:
     rows = [{"category": r["category"], "arm": f"{r['ours']}/{r['hf']}", "ratio": r["ratio"]} for r in ratios]
     return matrix(rows, "ratio", title="ours vs HF generate (speed ratio, >1 = ours faster)") if rows else ""
+
+
+def gain_table(gains: list[dict]) -> str:
+    return matrix(gains, "ratio", title="warm vs cold tables (speed ratio, >1 = warming helped)") if gains else ""
 
 
 def _load(machine: dict) -> str:
@@ -135,6 +151,7 @@ def format_tables(result: dict) -> str:
         matrix([r for r in summary if r["family"] == "ours"], "acceptance_length",
                title="mean acceptance length (1 + accepted/drafts)"),
         ratio_table(result.get("hf_ratios", [])),
+        gain_table(result.get("table_gains", [])),
     ]
     return "\n\n".join(p for p in parts if p)
 

@@ -71,7 +71,8 @@ def _bench(args) -> int:
             arms=_csv(args.arms), categories=_csv(args.categories), n_per_category=args.n_per_category,
             repeats=args.repeats, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
             data_dir=args.data_dir, max_prompt_tokens=args.max_prompt_tokens, compare_hf=args.compare_hf,
-            hf_prompt_lookup_tokens=args.hf_prompt_lookup_tokens)
+            hf_prompt_lookup_tokens=args.hf_prompt_lookup_tokens, table_modes=_csv(args.table_modes) or (),
+            warm_per_category=args.warm_per_category, redis_url=args.redis_url)
         result = run_bench(cfg)
     except (ValueError, OSError) as exc:  # bad options (RequestError is a ValueError), missing checkpoints or data
         print(f"error: {exc}", file=sys.stderr)
@@ -120,6 +121,11 @@ def _add_bench(sub) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="keep only the last N prompt tokens")
     p.add_argument("--compare-hf", action="store_true", help="also run HF generate: greedy, assisted, prompt lookup")
     p.add_argument("--hf-prompt-lookup-tokens", type=int, default=10)
+    p.add_argument("--table-modes", default="cold,warm", help="table-driven arms (ngram_store, recycling) run from "
+                   "empty tables (cold) and/or from tables warmed on other prompts of the category (warm)")
+    p.add_argument("--warm-per-category", type=int, default=5, help="other prompts per category that warm its tables")
+    p.add_argument("--redis-url", default=None, help="warm the tables through this Redis (one worker pushes, another "
+                   "pulls; default: in-process tables)")
     p.add_argument("--out", default=None, help="output folder (default: runs/bench-<timestamp>)")
     p.add_argument("--constraints", action="store_true", help="JSON Schema-constrained decoding on JSONSchemaBench "
                    "(--categories = subsets, --n-per-category = schemas per subset)")

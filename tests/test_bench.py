@@ -179,3 +179,59 @@ def test_generate_reports_a_bad_request_as_an_error(tiny_models, capsys):
     target, _ = tiny_models
     assert main(["generate", "hi", "--target", target, "--drafter", "none", "--max-tokens", "0"]) == 2
     assert "max_tokens" in capsys.readouterr().err
+
+
+# ---- bench: shared tables, cold and warm -----------------------------------------------------------------------
+
+def _table_bench(tiny_models, data_dir, out: Path, *extra: str) -> dict:
+    target, drafter = tiny_models
+    rc = main(["bench", "--target", target, "--drafter", drafter, "--dtype", "float32", "--threads", "1",
+               "--data-dir", str(data_dir), "--categories", "humaneval,gsm8k,qa", "--n-per-category", "1",
+               "--arms", "ngram_store,recycling", "--warm-per-category", "1", "--max-tokens", "12", "--out", str(out),
+               *extra])
+    assert rc == 0
+    return json.loads((out / "bench.json").read_text())
+
+
+def test_bench_runs_the_table_arms_cold_and_warm(tiny_models, data_dir, tmp_path, capsys):
+    result = _table_bench(tiny_models, data_dir, tmp_path / "run")
+    arms = {"ar", "ngram_store:cold", "ngram_store:warm", "recycling:cold", "recycling:warm"}
+    assert {r["arm"] for r in result["records"]} == arms
+    assert all(r["matches_ar"] for r in result["records"])          # lossless from any table state
+    warm = result["tables"]["warm"]
+    assert set(warm) == {"humaneval", "gsm8k"}                       # qa has no other prompt to warm from
+    assert all(w["contexts"] > 0 and w["rows"] > 0 and len(w["prompts"]) == 1 for w in warm.values())
+    measured = {r["prompt_id"] for r in result["records"]}
+    assert not measured & {p for w in warm.values() for p in w["prompts"]}   # warmed on *other* prompts
+    for r in result["records"]:
+        if r["arm"].endswith(":cold"):
+            assert r["table_contexts"] == r["table_rows"] == 0       # every cold run starts empty
+        elif r["arm"].endswith(":warm"):                             # every warm run starts from the same copy
+            want = warm.get(r["category"], {"contexts": 0, "rows": 0})
+            assert (r["table_contexts"], r["table_rows"]) == (want["contexts"], want["rows"])
+    gains = {(g["category"], g["arm"]) for g in result["table_gains"]}
+    assert {("all", "ngram_store"), ("all", "recycling")} <= gains
+    assert "warm vs cold tables" in capsys.readouterr().out
+
+
+def test_bench_warms_the_tables_through_redis(tiny_models, data_dir, tmp_path):
+    import redis
+
+    from tests.workers.test_tables import REDIS_BIN, RedisServer
+
+    if REDIS_BIN is None:
+        pytest.skip("redis-server is not installed")
+    local = _table_bench(tiny_models, data_dir, tmp_path / "local")
+    server = RedisServer().start()
+    try:
+        url = f"redis://:s3cret-pw@127.0.0.1:{server.port}/0"
+        server.client().config_set("requirepass", "s3cret-pw")
+        shared = _table_bench(tiny_models, data_dir, tmp_path / "redis", "--redis-url", url)
+        left = redis.Redis(port=server.port, password="s3cret-pw").keys("metaspec:tables:*")
+    finally:
+        server.kill()
+    assert shared["tables"]["through_redis"] and not local["tables"]["through_redis"]
+    assert shared["tables"]["warm"] == local["tables"]["warm"]       # the same tables, pushed and pulled
+    assert left == []                                                # the bench namespaces are deleted
+    assert "s3cret-pw" not in (tmp_path / "redis" / "bench.json").read_text()
+    assert shared["config"]["redis_url"] == f"redis://:***@127.0.0.1:{server.port}/0"

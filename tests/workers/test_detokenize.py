@@ -77,7 +77,7 @@ def test_each_step_decodes_a_window_not_the_whole_output(tokenizer, step):
     detok = Detokenizer(counting)
     text = "".join(detok.push(ids[i: i + step]) for i in range(0, len(ids), step))
     assert text == tokenizer.decode(ids) and len(ids) > 100
-    assert max(counting.sizes) <= 2 * step + 1    # last emission (context) + new tokens (+1: a leading "▁" decodes to "")
+    assert max(counting.sizes) <= 2 * step + 1    # last emission + new tokens (+1: a leading "▁" decodes to "")
 
 
 def test_a_character_split_over_tokens_is_held_back_until_complete(tokenizer):

@@ -21,12 +21,13 @@ text): Redis 7.5 MB n-gram hash + 11 MB LRU index (~190 B per context), adjacenc
 from __future__ import annotations
 
 from .adjacency import AdjacencyTable
-from .keys import Keys, NgramConfig, RedisConfig, StoreConfig, fingerprint, pack, unpack, worker_id
+from .keys import Keys, NgramConfig, RedisConfig, StoreConfig, fingerprint, pack, redact_url, unpack, worker_id
 from .ngram import NgramTable, read_corpus, seed
 from .sync import Syncer, make_client
 
 __all__ = ["AdjacencyTable", "Keys", "NgramConfig", "NgramTable", "RedisConfig", "SharedTables", "StoreConfig",
-           "fingerprint", "pack", "read_corpus", "remote_stats", "seed", "unpack", "worker_id"]
+           "fingerprint", "make_client", "pack", "read_corpus", "redact_url", "remote_stats", "seed", "unpack",
+           "worker_id"]
 
 
 class SharedTables:

@@ -54,6 +54,13 @@ class AdjacencyTable:
     def record(self, drafted: int, accepted: int, hit: bool) -> None:
         record_lookup(self.counters, drafted, accepted, hit)
 
+    def copy(self) -> AdjacencyTable:
+        """A detached local table with the same rows (nothing pending, no syncer, fresh counters)."""
+        out = AdjacencyTable(self.vocab_size, self.k)
+        with self.lock:
+            out.rows = [list(row) for row in self.rows]
+        return out
+
     def mark_all_dirty(self) -> None:
         with self.lock:
             self.pending.update(t for t, row in enumerate(self.rows) if row)

@@ -32,6 +32,29 @@ class RedisConfig:
     backoff_max_s: float = 30.0                  # retry delay ceiling
 
 
+def redact_url(url: str | None) -> str | None:
+    """The URL with any password replaced by '***', for logs, reprs and reports.
+
+    >>> redact_url("rediss://app:s3cret@cache.internal:6380/0")
+    'rediss://app:***@cache.internal:6380/0'
+    """
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.hostname or ""
+        host = f"[{host}]" if ":" in host else host
+        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:  # not parseable: show nothing of it that could hold a secret
+        return "<unparseable url>"
+
+
 @dataclass(frozen=True)
 class NgramConfig:
     max_order: int = 4              # longest context (tokens) looked up first and learned

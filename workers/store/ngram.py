@@ -144,6 +144,13 @@ class NgramTable:
     def record(self, drafted: int, accepted: int, hit: bool) -> None:
         record_lookup(self.counters, drafted, accepted, hit)
 
+    def copy(self) -> NgramTable:
+        """A detached local table with the same rows (nothing pending, no syncer, fresh counters)."""
+        out = NgramTable(self.cfg, self.vocab_size)
+        with self.lock:
+            out.rows = OrderedDict((ctx, list(row)) for ctx, row in self.rows.items())
+        return out
+
     def _row(self, ctx: Context) -> list[int]:
         row = self.rows.get(ctx)
         if row is None:
