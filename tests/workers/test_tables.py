@@ -24,6 +24,7 @@ from metaspec.workers.model import ModelConfig
 from metaspec.workers.store import (AdjacencyTable, Keys, NgramConfig, NgramTable, RedisConfig, SharedTables,
                                     StoreConfig, fingerprint, pack, read_corpus, remote_stats, seed, unpack)
 from metaspec.workers.store.ngram import add_count, merge_rows, row_from_bytes
+from metaspec.workers.store.sync import make_client
 from metaspec.workers.types import SamplingParams
 
 REDIS_BIN = shutil.which("redis-server")
@@ -235,6 +236,64 @@ def test_unreachable_at_start_then_reconnects():
     finally:
         a.close()
         srv.kill()
+
+
+# -- credentials and TLS --------------------------------------------------------------------------------------
+
+def test_a_password_never_shows_in_reprs_logs_or_stats(caplog):
+    srv = RedisServer()               # nothing listens: the syncer fails and logs it
+    cfg = RedisConfig(url=f"redis://app:url-secret@127.0.0.1:{srv.port}/0", password="cfg-secret")
+    shown = repr(cfg) + str(cfg) + repr(StoreConfig(redis=cfg))
+    assert "url-secret" not in shown and "cfg-secret" not in shown and "app:***@127.0.0.1" in shown
+    tables = SharedTables(StoreConfig(redis=cfg, sync_interval_s=3600), "fp-test", 64)
+    try:
+        with caplog.at_level("DEBUG"):
+            assert not tables.flush()
+        seen = caplog.text + repr(tables.stats()) + repr(tables.syncer.link.client())
+        assert tables.stats()["redis"]["errors"] >= 1 and "Redis unavailable" in caplog.text
+        assert "url-secret" not in seen and "cfg-secret" not in seen
+    finally:
+        tables.close()
+
+
+def test_the_configs_password_wins_and_authenticates(server):
+    server.client().config_set("requirepass", "right")
+    try:
+        wrong_in_url = RedisConfig(url=f"redis://:wrong@127.0.0.1:{server.port}/0", password="right")
+        assert make_client(wrong_in_url).ping()
+        with pytest.raises(redis.AuthenticationError):
+            make_client(RedisConfig(url=f"redis://:wrong@127.0.0.1:{server.port}/0")).ping()
+    finally:
+        redis.Redis(port=server.port, password="right").config_set("requirepass", "")
+
+
+@pytest.mark.parametrize("url,tls", [("rediss://cache.internal:6380/2", False), ("redis://cache.internal:6380/2", True)])
+def test_tls_settings_reach_redis_py(url, tls):
+    cfg = RedisConfig(url=url, tls=tls, tls_ca_file="/etc/ca.pem", tls_cert_file="/etc/client.pem",
+                      tls_key_file="/etc/client.key", tls_check_hostname=False, password="pw")
+    kwargs = make_client(cfg).connection_pool.connection_kwargs
+    assert make_client(cfg).connection_pool.connection_class is redis.connection.SSLConnection
+    assert (kwargs["host"], kwargs["port"], kwargs["db"], kwargs["password"]) == ("cache.internal", 6380, 2, "pw")
+    assert (kwargs["ssl_ca_certs"], kwargs["ssl_certfile"], kwargs["ssl_keyfile"]) == \
+        ("/etc/ca.pem", "/etc/client.pem", "/etc/client.key")
+    assert kwargs["ssl_cert_reqs"] == "required" and kwargs["ssl_check_hostname"] is False
+    plain = make_client(RedisConfig(url="redis://cache.internal:6380/2")).connection_pool
+    assert plain.connection_class is redis.connection.Connection and "ssl_ca_certs" not in plain.connection_kwargs
+
+
+def test_tls_is_really_spoken(server):
+    """The same plain-text server: a redis:// client gets PONG, a TLS client's handshake gets no answer."""
+    assert make_client(RedisConfig(url=server.url)).ping()
+    with pytest.raises((redis.ConnectionError, redis.TimeoutError)):
+        make_client(RedisConfig(url=server.url, tls=True)).ping()
+
+
+def test_tls_files_without_tls_and_unknown_schemes_are_config_errors():
+    with pytest.raises(ValueError, match="not TLS"):
+        RedisConfig(url="redis://cache:6379/0", tls_ca_file="/etc/ca.pem")
+    with pytest.raises(ValueError, match="rediss://") as info:
+        RedisConfig(url="http://user:pw-secret@cache:6379")
+    assert "pw-secret" not in str(info.value)
 
 
 # -- engines ----------------------------------------------------------------------------------------------------

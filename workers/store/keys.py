@@ -11,7 +11,7 @@ import os
 import socket
 import struct
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -21,15 +21,39 @@ SCHEMA_VERSION = 1  # bump when a key's layout or a value's encoding changes
 
 @dataclass(frozen=True)
 class RedisConfig:
+    """Where the shared tables live. repr() never shows a password (neither `password` nor one inside `url`)."""
+
     url: str | None = "redis://127.0.0.1:6379/0"  # None = local tables only, nothing shared
-    username: str | None = None                  # ACL user (None = default user)
-    password: str | None = None                  # from the deployment's config/secret, never from the environment
+    username: str | None = None                  # ACL user (None = the URL's, else the default user)
+    password: str | None = None                  # from the deployment's config/secret, never from the environment;
+                                                 # wins over a password in the URL
     tls: bool = False                            # TLS even for a redis:// URL (a rediss:// URL implies it)
     tls_ca_file: str | None = None               # CA bundle that signs the server's certificate (None = system CAs)
+    tls_cert_file: str | None = None             # client certificate for mutual TLS (None = none)
+    tls_key_file: str | None = None              # its private key (None = inside tls_cert_file)
+    tls_check_hostname: bool = True              # the certificate must name the host the URL names
     connect_timeout_s: float = 0.5               # TCP connect limit; the hot path never waits on it
     timeout_s: float = 2.0                       # per-command socket limit in the background syncer
     backoff_initial_s: float = 0.5               # first retry delay after a failure (doubles each failure)
     backoff_max_s: float = 30.0                  # retry delay ceiling
+
+    def __post_init__(self) -> None:
+        if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"Redis url must start with redis://, rediss:// or unix://, got {redact_url(self.url)!r}")
+        files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        if any(files) and not self.uses_tls:
+            raise ValueError("TLS files are set but the connection is not TLS: use a rediss:// URL or tls=True")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.url is not None and (self.url.startswith("rediss://") or
+                                         (self.tls and self.url.startswith("redis://")))
+
+    def __repr__(self) -> str:
+        shown = {f.name: getattr(self, f.name) for f in fields(self)}
+        shown["url"] = redact_url(self.url)
+        shown["password"] = None if self.password is None else "***"
+        return f"RedisConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
 def redact_url(url: str | None) -> str | None:

@@ -18,19 +18,34 @@ from .keys import Keys, RedisConfig, StoreConfig
 log = logging.getLogger(__name__)
 
 
-def make_client(cfg: RedisConfig):
-    """A redis-py client with short timeouts and no internal retries (the link owns the retry policy)."""
-    import redis
+def connection_kwargs(cfg: RedisConfig) -> dict:
+    """redis-py ConnectionPool arguments: the URL's own, then the config's (credentials, TLS, timeouts) on top.
+
+    >>> kw = connection_kwargs(RedisConfig(url="redis://cache:6380/1", tls=True, tls_ca_file="/etc/ca.pem"))
+    >>> kw["connection_class"].__name__, kw["host"], kw["ssl_ca_certs"], kw["ssl_cert_reqs"]
+    ('SSLConnection', 'cache', '/etc/ca.pem', 'required')
+    """
     from redis.backoff import NoBackoff
+    from redis.connection import parse_url
     from redis.retry import Retry
 
     url = cfg.url
-    if cfg.tls and url.startswith("redis://"):
+    if cfg.uses_tls and url.startswith("redis://"):
         url = "rediss://" + url[len("redis://"):]
-    extra = {"ssl_ca_certs": cfg.tls_ca_file} if url.startswith("rediss://") and cfg.tls_ca_file else {}
-    return redis.Redis.from_url(url, username=cfg.username, password=cfg.password,
-                                socket_connect_timeout=cfg.connect_timeout_s, socket_timeout=cfg.timeout_s,
-                                retry=Retry(NoBackoff(), 0), health_check_interval=0, **extra)
+    kwargs = parse_url(url)                    # scheme -> connection class (rediss: SSLConnection), host, db...
+    kwargs |= {k: v for k, v in (("username", cfg.username), ("password", cfg.password)) if v is not None}
+    if cfg.uses_tls:
+        kwargs |= {"ssl_cert_reqs": "required", "ssl_check_hostname": cfg.tls_check_hostname,
+                   "ssl_ca_certs": cfg.tls_ca_file, "ssl_certfile": cfg.tls_cert_file, "ssl_keyfile": cfg.tls_key_file}
+    return kwargs | {"socket_connect_timeout": cfg.connect_timeout_s, "socket_timeout": cfg.timeout_s,
+                     "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
+
+
+def make_client(cfg: RedisConfig):
+    """A redis-py client with short timeouts and no internal retries (the link owns the retry policy)."""
+    import redis
+
+    return redis.Redis(connection_pool=redis.ConnectionPool(**connection_kwargs(cfg)))
 
 
 class RedisLink:
