@@ -19,6 +19,7 @@ from metaspec.workers.store import RedisConfig, StoreConfig
 from metaspec.workers.worker import DecodeWorker, worker_config
 
 from .config import AppConfig, PoolSpec, TablesSpec, load_app_config
+from .policy import user_config
 from .router import Router
 
 GRPC_SERVICER = "metaspec.protocol.convert.add_MetaSpecServicer_to_server"   # generated one + lenient parsing
@@ -51,7 +52,7 @@ def build_application(cfg: AppConfig) -> Application:
     r = cfg.router
     spread = {"max_replicas_per_node": r.max_replicas_per_node} if r.max_replicas_per_node else {}
     router = Router.options(num_replicas=r.num_replicas, max_ongoing_requests=r.max_ongoing_requests,
-                            max_queued_requests=r.max_queued_requests, **spread)
+                            max_queued_requests=r.max_queued_requests, user_config=user_config(r), **spread)
     return router.bind(r, cfg.pools, workers)
 
 
@@ -148,7 +149,8 @@ def serve_until_interrupted(cfg: AppConfig, opts: ServeOptions, address: str | N
     if address:
         ray.init(address=address)
     else:
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus or local_cpus(cfg), include_dashboard=False)
+        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus or local_cpus(cfg),
+                 include_dashboard=False)   # a new loopback Ray even when another one runs on this machine
     try:
         start(cfg, opts)
         pools = ", ".join(f"{p.name} ({p.num_replicas}x{p.threads} threads)" for p in cfg.pools)

@@ -72,10 +72,15 @@ class RouterSpec:
     selector: str = "fixed"                     # "fixed" (the policy above), "default" (the shipped learnt
                                                 # selector; fixed without one) or a selector model file
     explore: float = 0.05                       # share of requests the learnt selector sends to another arm
+    selector_check_s: float = 5.0               # look for a new selector file at most this often (0 = only on
+                                                # reconfigure); `selector`, `explore` and this are the Router's
+                                                # user_config: `serve deploy` changes them without a restart
     outcome_dir: str = "~/.metaspec/outcomes"   # per-node directory of the outcome log (expanded on the node)
     outcome_max_bytes: int = 64 << 20           # rotate an outcome file past this size
     outcome_fsync: bool = True                  # sync each record to disk before replying (False: the write only,
                                                 # which survives process kills but not power loss)
+    outcome_fsync_before_reply: bool = True     # False: reply once the record is written; its fsync follows at
+                                                # once (a power loss can lose that last batch, a kill cannot)
     api_key_hashes: tuple[str, ...] = ()        # sha256 hex digests of accepted API keys; empty = no auth
     health_timeout_s: float = 5.0               # a pool that does not answer Health within this is not ok
 
@@ -148,9 +153,11 @@ class RouterModel(BaseModel):
     methods: list[str] = Field(default_factory=lambda: ["sps", "pld", "ar"], min_length=1)
     selector: str = Field(default="fixed", min_length=1)
     explore: float = Field(default=0.05, ge=0, le=1)
+    selector_check_s: float = Field(default=5.0, ge=0)
     outcome_dir: str = "~/.metaspec/outcomes"
     outcome_max_bytes: int = Field(default=64 << 20, ge=1024)
     outcome_fsync: bool = True
+    outcome_fsync_before_reply: bool = True
     api_key_hashes: list[str] = Field(default_factory=list)
     health_timeout_s: float = Field(default=5.0, gt=0)
 

@@ -31,7 +31,8 @@ def run(config: str, grpc_port: int | None, max_tokens: int) -> int:
     if missing := missing_checkpoints(cfg):
         print(f"error: checkpoints not found: {', '.join(missing)} (run `metaspec train`)", file=sys.stderr)
         return 2
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=local_cpus(cfg), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=local_cpus(cfg), include_dashboard=False,
+             log_to_driver=False)
     try:
         start(cfg, opts)
         address = f"127.0.0.1:{opts.grpc_port}"

@@ -2,6 +2,7 @@
 kill half way through.
 
     python -m metaspec.deploy.loadtest overhead --server 127.0.0.1:9000 --app metaspec --pool cpu
+    python -m metaspec.deploy.loadtest overhead --local a.yaml --local b.yaml --pool cpu   # two configs, interleaved
     python -m metaspec.deploy.loadtest load --server 127.0.0.1:9000 --concurrency 16 --duration-s 30 \
         --kill-pool cpu --app metaspec
 
@@ -17,6 +18,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from metaspec.protocol.client import Client, ServiceError
@@ -35,39 +37,91 @@ def percentile(values: list[float], q: float) -> float:
 
 # ---- serving overhead ---------------------------------------------------------------------------------------
 
-def overhead(server: str, app: str, pool: str, n: int = 200, max_tokens: int = 1, method: str = "ar",
-             api_key: str | None = None) -> dict:
-    """p50/p99 of one short request through gRPC + router vs the same call straight to a worker (DeploymentHandle).
+def overhead(server: str, apps: Sequence[str], pool: str, n: int = 200, max_tokens: int = 1, method: str = "ar",
+             api_key: str | None = None) -> dict[str, dict]:
+    """p50/p99 of one short request through gRPC + router vs the same call straight to a worker (DeploymentHandle),
+    per app. Several apps of one Serve instance (e.g. two configs) are measured interleaved, in rotated order.
 
     The difference is what the serving layer adds: gRPC proxy, router hop, checks, choice, outcome fsync.
+    `method=""` lets the router's selector choose (featurization + model included); the direct call then runs
+    the arm it chose. `pair_overhead_*` are percentiles of (gRPC call - the direct call right after it).
     """
     from ray import serve
 
+    samples: dict[str, list[tuple[float, float, float]]] = {app: [] for app in apps}
+    workers = {app: serve.get_deployment_handle(f"DecodeWorker-{pool}", app_name=app) for app in apps}
+    clients = {app: Client(server, api_key=api_key, application=app if len(apps) > 1 else None) for app in apps}
+    try:
+        for i in range(n + 10):                     # the first 10 rounds are warm-up
+            for app in apps[i % len(apps):] + apps[: i % len(apps)]:
+                sample = _overhead_pair(clients[app], workers[app], pool, max_tokens, method)
+                if i >= 10:
+                    samples[app].append(sample)
+    finally:
+        for client in clients.values():
+            client.close()
+    return {app: _overhead_stats(rows, max_tokens, method) for app, rows in samples.items()}
+
+
+def _overhead_pair(client: Client, worker, pool: str, max_tokens: int, method: str) -> tuple[float, float, float]:
+    """(gRPC s, direct handle s, engine s) of one request each way."""
     from metaspec.workers.engine import Request
     from metaspec.workers.types import SamplingParams
 
-    worker = serve.get_deployment_handle(f"DecodeWorker-{pool}", app_name=app)
-    request = Request(prompt=PROMPTS[0], params=SamplingParams(max_tokens=max_tokens), method=method)
-    grpc_s, handle_s, engine_s = [], [], []
-    with Client(server, api_key=api_key) as client:
-        for i in range(n + 10):                     # interleaved, first 10 of each are warm-up
-            t0 = time.perf_counter()
-            reply = client.generate(PROMPTS[0], max_tokens=max_tokens, method=method)
-            t1 = time.perf_counter()
-            result = worker.generate.remote(request).result()
-            t2 = time.perf_counter()
-            if i >= 10:
-                grpc_s.append(t1 - t0)
-                handle_s.append(t2 - t1)
-                engine_s.append(result.wall_s)
-            assert reply.pool == pool, f"the router chose pool {reply.pool}; measure with a single-pool app"
-    p50 = {k: statistics.median(v) * 1e3 for k, v in (("grpc", grpc_s), ("handle", handle_s), ("engine", engine_s))}
-    return {"n": n, "max_tokens": max_tokens, "method": method,
-            "grpc_p50_ms": p50["grpc"], "grpc_p99_ms": percentile(grpc_s, 99) * 1e3,
-            "worker_handle_p50_ms": p50["handle"], "worker_handle_p99_ms": percentile(handle_s, 99) * 1e3,
-            "engine_p50_ms": p50["engine"],
-            "serving_overhead_p50_ms": p50["grpc"] - p50["handle"],
-            "overhead_vs_engine_p50_ms": p50["grpc"] - p50["engine"]}
+    t0 = time.perf_counter()
+    reply = client.generate(PROMPTS[0], max_tokens=max_tokens, method=method)
+    t1 = time.perf_counter()
+    request = Request(prompt=PROMPTS[0], params=SamplingParams(max_tokens=max_tokens), method=reply.method)
+    result = worker.generate.remote(request).result()           # the arm the router used
+    t2 = time.perf_counter()
+    assert reply.pool == pool, f"the router chose pool {reply.pool}; measure with a single-pool app"
+    return t1 - t0, t2 - t1, result.wall_s
+
+
+def _overhead_stats(rows: list[tuple[float, float, float]], max_tokens: int, method: str) -> dict:
+    grpc_s, handle_s, engine_s = (list(col) for col in zip(*rows))
+    pairs = [g - h for g, h, _ in rows]
+    ms = {name: statistics.median(v) * 1e3 for name, v in (("grpc", grpc_s), ("handle", handle_s),
+                                                           ("engine", engine_s))}
+    return {"n": len(rows), "max_tokens": max_tokens, "method": method or "auto",
+            "pair_overhead_p50_ms": statistics.median(pairs) * 1e3, "pair_overhead_p99_ms": percentile(pairs, 99) * 1e3,
+            "grpc_p50_ms": ms["grpc"], "grpc_p99_ms": percentile(grpc_s, 99) * 1e3,
+            "worker_handle_p50_ms": ms["handle"], "worker_handle_p99_ms": percentile(handle_s, 99) * 1e3,
+            "engine_p50_ms": ms["engine"], "serving_overhead_p50_ms": ms["grpc"] - ms["handle"],
+            "overhead_vs_engine_p50_ms": ms["grpc"] - ms["engine"]}
+
+
+def start_local(config_paths: Sequence[str], outcome_dir: str) -> tuple[str, list[str]]:
+    """A loopback Ray + Serve with each Serve config file deployed as its own app (`app0`, `app1`, ...), to compare
+    configs interleaved in one run. Outcomes go to `outcome_dir`/appN. Returns (gRPC address, app names)."""
+    import dataclasses
+    import socket
+
+    import ray
+    from ray import serve
+
+    from .app import build_application, load_serve_file, local_cpus, start
+
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    loaded = [load_serve_file(path) for path in config_paths]
+    apps = [f"app{i}" for i in range(len(loaded))]
+    cfgs = [dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, outcome_dir=f"{outcome_dir}/{app}"))
+            for (cfg, _), app in zip(loaded, apps)]
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=sum(local_cpus(c) for c in cfgs),
+             include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    start(cfgs[0], dataclasses.replace(loaded[0][1], grpc_port=port, http_port=free_port(), app_name=apps[0]))
+    for cfg, app in zip(cfgs[1:], apps[1:]):
+        serve.run(build_application(cfg), name=app, route_prefix=f"/{app}", blocking=False)
+    address = f"127.0.0.1:{port}"
+    for app in apps:                                   # wait until each answers through gRPC
+        with Client(address, application=app if len(apps) > 1 else None, timeout_s=600) as client:
+            client.health()
+    return address, apps
 
 
 # ---- load test ----------------------------------------------------------------------------------------------
@@ -183,25 +237,34 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("overhead")
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--max-tokens", type=int, default=1)
-    p.add_argument("--method", default="ar")
+    p.add_argument("--method", default="ar", help='arm to ask for; "" = let the selector choose')
     p.add_argument("--pool", required=True)
+    p.add_argument("--local", action="append", default=[], metavar="SERVE_YAML",
+                   help="start a loopback service with this config instead of joining one (repeat to compare "
+                        "configs interleaved: apps app0, app1, ...); --server/--app/--address are then ignored")
+    p.add_argument("--outcome-dir", default="/tmp/metaspec-overhead", help="outcome logs of --local apps")
     q = sub.add_parser("load")
     q.add_argument("--concurrency", type=int, default=16)
     q.add_argument("--duration-s", type=float, default=30.0)
     q.add_argument("--max-tokens", type=int, default=64)
     q.add_argument("--kill-pool", default=None)
     for s in (p, q):
-        s.add_argument("--server", required=True)
+        s.add_argument("--server", required=s is q)
         s.add_argument("--app", default="metaspec")
         s.add_argument("--address", default="auto", help="Ray cluster of the service (overhead, --kill-pool)")
         s.add_argument("--api-key", default=None)
     args = parser.parse_args(argv)
-    if args.command == "overhead" or args.kill_pool:
+    if args.command == "overhead" and args.local:
+        server, apps = start_local(args.local, args.outcome_dir)
+    elif args.command == "overhead" or args.kill_pool:
         import ray
 
         ray.init(address=args.address, log_to_driver=False)
+        server, apps = args.server, [args.app]
     if args.command == "overhead":
-        out = overhead(args.server, args.app, args.pool, args.n, args.max_tokens, args.method, args.api_key)
+        if not server:
+            parser.error("overhead needs --server or --local")
+        out = overhead(server, apps, args.pool, args.n, args.max_tokens, args.method, args.api_key)
     else:
         out = asdict(load(args.server, args.concurrency, args.duration_s, args.max_tokens, args.api_key,
                           args.kill_pool, args.app))

@@ -6,14 +6,25 @@ shape); `pick` applies the request's method override first, so every policy gets
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
 from metaspec.protocol.types import GenerateCall
+from metaspec.selector.live import LiveConfig, LiveSelector
+from metaspec.selector.selector import SelectorConfig
 from metaspec.selector.types import Choice, PoolInfo
 from metaspec.workers.engine import Request
 from metaspec.workers.registry import arms
 from metaspec.workers.types import RequestError
+
+from .config import PoolSpec, RouterModel, RouterSpec
+
+logger = logging.getLogger("ray.serve")
+USER_CONFIG_KEYS = ("selector", "explore", "selector_check_s")   # the Router's user_config (see reconfigure)
 
 
 class Policy(Protocol):
@@ -79,3 +90,76 @@ def check_call(call: GenerateCall, max_tokens_limit: int, max_prompt_chars: int)
         raise RequestError(f"max_tokens must be <= {max_tokens_limit}, got {params.max_tokens}")
     if prompt is not None and len(prompt) > max_prompt_chars:
         raise RequestError(f"prompt has {len(prompt)} characters; the limit is {max_prompt_chars}")
+
+
+# ---- the learnt selector behind the router ------------------------------------------------------------------
+
+def live_config(spec: RouterSpec) -> LiveConfig:
+    return LiveConfig(None if spec.selector == "default" else spec.selector, spec.selector_check_s,
+                      SelectorConfig(epsilon=spec.explore))
+
+
+def make_policy(spec: RouterSpec, pools: Sequence[PoolSpec], tokenizer=None,
+                ngram_hit_rate: Callable[[Sequence[int]], float] | None = None) -> Policy:
+    """The fixed policy, or the learnt selector following its file (`LiveSelector`), with the pools' tokenizer
+    for its prompt features and the shared n-gram table's tail hit rate (without one that feature is 0)."""
+    if spec.selector == "fixed":
+        return FixedPolicy(spec.methods)
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(pools[0].tokenizer or pools[0].target)
+    return LiveSelector(live_config(spec), ngram_hit_rate=ngram_hit_rate, tokenizer=tokenizer, log=logger)
+
+
+def user_config(spec: RouterSpec) -> dict[str, Any]:
+    """The Router deployment's user_config: what Serve changes in place (`reconfigure`), without a restart."""
+    return {k: getattr(spec, k) for k in USER_CONFIG_KEYS}
+
+
+def apply_user_config(spec: RouterSpec, config: Mapping[str, Any] | None) -> RouterSpec:
+    """`spec` with a (partial) user_config applied, validated like the YAML; raises ValueError on a bad one."""
+    config = dict(config or {})
+    if unknown := sorted(set(config) - set(USER_CONFIG_KEYS)):
+        raise ValueError(f"Router user_config keys {unknown} cannot change in place; allowed: {list(USER_CONFIG_KEYS)}")
+    return RouterModel.model_validate(dataclasses.asdict(spec) | config).to_spec()
+
+
+class NgramMirror:
+    """A read-only local copy of a pool's shared n-gram table, followed from Redis by the store's own syncer
+    thread, so the router's `ngram_table_hit` feature sees what the workers learnt. Lookups never touch Redis.
+
+    >>> mirror = NgramMirror.for_pool(pool_spec)         # None when the pool's tables are not in Redis
+    >>> mirror.hit_rate(prompt_ids)                      # share of the prompt's tail the table continues
+    0.25
+    """
+
+    def __init__(self, store_cfg, fingerprint: str, vocab_size: int) -> None:
+        from metaspec.selector.features import ngram_tail_hit_rate
+        from metaspec.workers.store import Keys, NgramTable, worker_id
+        from metaspec.workers.store.sync import Syncer
+
+        self.table = NgramTable(store_cfg.ngram, vocab_size)
+        self.syncer = Syncer(store_cfg, Keys.for_fingerprint(fingerprint), [self.table], f"router:{worker_id()}")
+        self.hit_rate = ngram_tail_hit_rate(self.table)   # the same hook `metaspec collect` trains with
+
+    @classmethod
+    def for_pool(cls, pool: PoolSpec) -> "NgramMirror | None":
+        if pool.tables is None or pool.tables.redis_url is None:
+            return None
+        from metaspec.workers.store import fingerprint
+
+        from .app import store_config   # the pool's own store settings (app imports this module: import late)
+
+        vocab_size = json.loads((Path(pool.target) / "config.json").read_text())["vocab_size"]
+        return cls(store_config(pool.tables), fingerprint(pool.target, pool.tokenizer), vocab_size)
+
+    def close(self) -> None:
+        self.syncer.close()
+
+
+def mirror_pool(pools: Sequence[PoolSpec]) -> PoolSpec | None:
+    """The pool whose shared table feeds the feature: the first one in Redis with the first pool's tokenizer."""
+    tokenizer = pools[0].tokenizer or pools[0].target
+    return next((p for p in pools if p.tables is not None and p.tables.redis_url is not None
+                 and (p.tokenizer or p.target) == tokenizer), None)

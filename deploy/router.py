@@ -3,6 +3,12 @@
 Per request: protobuf -> GenerateCall (protocol.convert) -> checks -> (pool, method) from the policy -> the pool's
 DecodeWorker through a DeploymentHandle (streaming for GenerateStream) -> outcome fsync'ed to the outcome log ->
 final reply. Errors become gRPC status codes (see `status_of`); the router keeps serving after each.
+
+The learnt selector changes without a restart: `reconfigure` (Serve's user_config: `selector`, `explore`,
+`selector_check_s`) switches file or settings in place, and the selector re-reads its file by itself when the file
+changes (`metaspec retrain --out <that file>`), checked at most every `selector_check_s`. A file that cannot be
+trusted is refused with a logged error and the current selector keeps serving; every reply and outcome carries
+the `selector_version` that chose it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from metaspec.protocol import convert
 from metaspec.protocol.client import API_KEY_HEADER
 from metaspec.protocol.types import (GenerateCall, Health, MethodInfo, PoolDescription, PoolHealth, Reply,
                                      ServiceInfo)
+from metaspec.selector.live import LiveSelector
 from metaspec.selector.types import Choice, Outcome, PoolInfo
 from metaspec.workers.engine import Chunk, Result
 from metaspec.workers.outcome_log import OutcomeLog, OutcomeLogConfig
@@ -34,7 +41,8 @@ from metaspec.workers.worker import WorkerInfo, registered_methods
 
 from .config import PoolSpec, RouterSpec
 from .metrics import ServiceMetrics
-from .policy import FixedPolicy, Policy, check_call, pick
+from .policy import (FixedPolicy, NgramMirror, Policy, apply_user_config, check_call, live_config, make_policy,
+                     mirror_pool, pick)
 
 logger = logging.getLogger("ray.serve")
 
@@ -64,22 +72,6 @@ def status_of(exc: BaseException) -> Status:
     return Status(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
-def make_policy(spec: RouterSpec, pools: tuple[PoolSpec, ...]) -> Policy:
-    """The fixed policy, or the learnt selector (with the pools' tokenizer, for its prompt features)."""
-    if spec.selector == "fixed":
-        return FixedPolicy(spec.methods)
-    from transformers import AutoTokenizer
-
-    from metaspec.selector import SelectorConfig, load_selector
-
-    tokenizer = AutoTokenizer.from_pretrained(pools[0].tokenizer or pools[0].target)
-    path = None if spec.selector == "default" else spec.selector
-    selector, error = load_selector(path, SelectorConfig(epsilon=spec.explore), tokenizer=tokenizer)
-    if error:
-        logger.error("selector %s not loaded (%s); using %s", spec.selector, error, type(selector).__name__)
-    return selector
-
-
 def _replica_lost(exc: BaseException) -> bool:
     """The worker replica died or became unreachable (as opposed to the request failing on it)."""
     from ray.exceptions import ActorUnavailableError, RayActorError
@@ -103,12 +95,44 @@ class Router:
         self.spec = spec
         self.pools = {p.name: p for p in pools}
         self.workers = workers
-        self.policy: Policy = policy or make_policy(spec, pools)
-        self.log = OutcomeLog(OutcomeLogConfig(spec.outcome_dir, spec.outcome_max_bytes, fsync=spec.outcome_fsync))
+        self._tokenizer = None                                   # the next three: built once a learnt selector is used
+        self.mirror: NgramMirror | None = None
+        self.live: LiveSelector | None = None
+        self.policy: Policy = policy or self._policy_for(spec)
+        self.log = OutcomeLog(OutcomeLogConfig(spec.outcome_dir, spec.outcome_max_bytes, fsync=spec.outcome_fsync,
+                                               sync_before_ack=spec.outcome_fsync_before_reply))
         self.metrics = ServiceMetrics()
         self._infos: dict[str, WorkerInfo] = {}
         self._inflight = {name: 0 for name in self.pools}
         self._key_hashes = tuple(spec.api_key_hashes)
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's in-place update of the user_config (`serve deploy` with a changed `user_config`): a new
+        selector file, exploration share or check period. Requests keep being served by the current selector
+        while the new one loads; a file that cannot be loaded is refused (logged) and the current one stays."""
+        spec = apply_user_config(self.spec, config)       # a malformed user_config raises: the deploy fails
+        self.policy = await asyncio.to_thread(self._policy_for, spec)
+        self.spec = spec
+
+    def _policy_for(self, spec: RouterSpec) -> Policy:
+        if spec.selector == "fixed":
+            return FixedPolicy(spec.methods)
+        if self.live is None:
+            if self._tokenizer is None:
+                from transformers import AutoTokenizer
+
+                first = next(iter(self.pools.values()))
+                self._tokenizer = AutoTokenizer.from_pretrained(first.tokenizer or first.target)
+            pool = mirror_pool(tuple(self.pools.values()))
+            self.mirror = NgramMirror.for_pool(pool) if pool is not None else None
+            self.live = make_policy(spec, (), self._tokenizer, self.mirror.hit_rate if self.mirror else None)
+        elif error := self.live.switch(live_config(spec)):
+            logger.error("router reconfigure: %s", error)
+        return self.live
+
+    def __del__(self) -> None:   # Serve calls it on graceful replica shutdown
+        if getattr(self, "mirror", None) is not None:
+            self.mirror.close()
 
     # ---- RPCs ----------------------------------------------------------------------------------------------
     async def Generate(self, msg: Any, grpc_context=None) -> Any:
@@ -240,6 +264,8 @@ class Router:
     async def _admit(self, msg: Any, grpc_context) -> tuple[GenerateCall, Choice, str]:
         """Authorize, convert, check and choose; raises what `status_of` maps."""
         self._authorize(grpc_context)
+        if self.live is not None and self.policy is self.live:
+            self.live.poll()                                # a stat at most every selector_check_s
         call = convert.call_from_proto(msg, self.spec.default_max_tokens)
         check_call(call, self.spec.max_tokens_limit, self.spec.max_prompt_chars)
         infos = await self._pool_infos()

@@ -207,7 +207,8 @@ def _add_selector_commands(sub) -> None:
     p = sub.add_parser("retrain", help="fit a selector on outcome logs; write it only if not worse than --current")
     p.add_argument("--outcomes", nargs="+", required=True, help="outcome JSONL files or folders of them")
     p.add_argument("--current", default=None, help="the selector in use (compared on the same held-out prompts)")
-    p.add_argument("--out", required=True, help="where the new selector file is written")
+    p.add_argument("--out", required=True, help="where the new selector file is written (atomically, with a new "
+                                                "version); a router whose `selector` is this file reloads it by itself")
     p.add_argument("--kinds", default=None, help="comma list of rf,gb,knn,ridge (default: all)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--holdout-share", type=float, default=0.2)

@@ -30,13 +30,17 @@ class ServiceError(Exception):
 
 
 class Client:
+    """`application` names the Serve application when one Ray Serve instance runs several (Serve's gRPC proxy
+    routes on the `application` metadata key); None = the only one."""
+
     def __init__(self, address: str, api_key: str | None = None, timeout_s: float | None = None,
-                 max_message_bytes: int = 64 << 20) -> None:
+                 max_message_bytes: int = 64 << 20, application: str | None = None) -> None:
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
         self.channel = grpc.insecure_channel(address, options=options)
         self.stub = MetaSpecStub(self.channel)
-        self.metadata = ((API_KEY_HEADER, api_key),) if api_key else ()
+        self.metadata = (((API_KEY_HEADER, api_key),) if api_key else ()) + \
+            ((("application", application),) if application else ())
         self.timeout_s = timeout_s
 
     def generate(self, prompt: str | Sequence[int], *, timeout_s: float | None = None, **fields) -> Reply:

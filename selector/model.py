@@ -16,6 +16,7 @@ predictions made at save time: a file whose predictions differ after loading is 
 
 from __future__ import annotations
 
+import os
 import platform
 from collections.abc import Mapping
 from pathlib import Path
@@ -63,7 +64,9 @@ class SelectorModel:
 
     @property
     def version(self) -> str:
-        return f"{self.meta.get('kind', 'model')}-{str(self.meta.get('data_hash', ''))[:8]}"
+        """What outcomes record as `selector_version`: the file's own version (set by retrain), else kind + data."""
+        fallback = f"{self.meta.get('kind', 'model')}-{str(self.meta.get('data_hash', ''))[:8]}"
+        return str(self.meta.get("version") or fallback)
 
     def rows(self, request: Mapping[str, float], candidates: list[tuple[Mapping[str, float], str]]) -> np.ndarray:
         """[C, F] input rows for one request on each (pool features, method) candidate; the method must be known."""
@@ -90,10 +93,21 @@ class SelectorModel:
                    "methods": list(self.methods), "estimator": self.estimator, "meta": _plain(self.meta),
                    "versions": library_versions(), "probe_x": np.asarray(probe, dtype=float),
                    "probe_y": np.asarray(self.estimator.predict(probe), dtype=float)}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{path}.tmp")
-        sio.dump(payload, tmp)
-        tmp.replace(path)                        # readers never see a half-written file
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # same directory: the rename stays atomic
+        try:
+            sio.dump(payload, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())             # the bytes are on disk before the name points at them
+            os.replace(tmp, path)                # readers (a watching router) see the old file or the new one
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)                     # and the rename itself survives a crash
+        finally:
+            os.close(dir_fd)
 
     @classmethod
     def load(cls, path: str | Path) -> "SelectorModel":

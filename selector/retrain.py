@@ -88,10 +88,16 @@ def retrain(outcome_paths: list[str | Path], current: str | Path | None, out: st
     if current_score is not None and new_score < current_score - cfg.tolerance:
         return report | {"written": False, "reason": f"new {metric} {new_score:.4f} < current {current_score:.4f}",
                          "wall_s": round(time.perf_counter() - t0, 2)}
-    new.meta |= {"holdout_score": new_score, "metric": metric}
-    new.save(out, _probe_rows(new, table))
+    new.meta |= {"holdout_score": new_score, "metric": metric, "version": model_version(new)}
+    new.save(out, _probe_rows(new, table))      # atomic: a router watching `out` sees the old file or this one
     return report | {"written": True, "out": str(out), "version": new.version,
                      "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def model_version(model: SelectorModel) -> str:
+    """A version unique to this write: kind, training data and time (outcomes record which one served)."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}"
+    return f"{model.meta.get('kind', 'model')}-{str(model.meta.get('data_hash', ''))[:8]}-{stamp}"
 
 
 def _probe_rows(model: SelectorModel, table: Table, n: int = 32) -> np.ndarray:

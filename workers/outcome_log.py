@@ -2,7 +2,8 @@
 
 Each router replica appends one `Outcome` line per finished request and fdatasyncs it *before* the reply is
 sent, so an acknowledged request is never lost (process kill, service restart; power loss too, as far as the disk
-honours fsync; with `fsync=False` only the first two). Files rotate by size and are never rewritten:
+honours fsync; with `fsync=False` only the first two; with `sync_before_ack=False` the sync follows the reply by
+one batch, so a power loss can lose that batch). Files rotate by size and are never rewritten:
 `outcomes-<node>-<pid>-<start>.<seq>.jsonl`. Concurrent requests share one sync (group commit). A reader skips a
 torn last line (a write cut by a kill).
 
@@ -15,6 +16,7 @@ torn last line (a write cut by a kill).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import socket
@@ -36,6 +38,9 @@ class OutcomeLogConfig:
     node: str | None = None           # node name in file names; None = the host name
     fsync: bool = True                # fdatasync before acknowledging (survives power loss); False = the write
                                       # alone (survives process kills and service restarts, ~5 ms cheaper here)
+    sync_before_ack: bool = True      # with fsync, append_async returns after the sync; False = right after the
+                                      # write, the batch's fdatasync follows at once in the background (a power
+                                      # loss can lose that last batch; a process kill or restart loses nothing)
 
 
 class OutcomeLog:
@@ -59,7 +64,7 @@ class OutcomeLog:
 
     def append(self, outcome: Outcome) -> None:
         """Write one line (and sync it); returns when it is durable."""
-        self._write([outcome.to_json()])
+        self._write([outcome.to_json()], sync=self.cfg.fsync)
 
     async def append_async(self, outcome: Outcome) -> None:
         """Like `append`, without blocking the event loop; concurrent callers share one fsync."""
@@ -80,16 +85,18 @@ class OutcomeLog:
                 self._fd = -1
 
     # -- internals --
-    def _write(self, lines: list[str]) -> None:
+    def _write(self, lines: list[str], sync: bool) -> None:
         data = "".join(line + "\n" for line in lines).encode()
         with self._lock:
             view = memoryview(data)
             while view:
                 view = view[os.write(self._fd, view):]
-            if self.cfg.fsync:
+            if sync:
                 os.fdatasync(self._fd)   # data + the file size; the rest of the inode's metadata can wait
             self._size += len(data)
             if self._size >= self.cfg.max_bytes:
+                if self.cfg.fsync and not sync:
+                    os.fdatasync(self._fd)   # the deferred sync would reach only the next file
                 os.close(self._fd)
                 self._seq += 1
                 self._open_next()
@@ -120,13 +127,23 @@ class OutcomeLog:
                     self._queue.put(None)
                     break
                 batch.append(nxt)
-            error = None
+            error, sync_now = None, self.cfg.fsync and self.cfg.sync_before_ack
             try:
-                self._write([line for line, _, _ in batch])
+                self._write([line for line, _, _ in batch], sync=sync_now)
             except OSError as exc:
                 error = exc
             for _, loop, fut in batch:
                 loop.call_soon_threadsafe(_settle, fut, error)
+            if self.cfg.fsync and not sync_now and error is None:
+                self._sync()
+
+    def _sync(self) -> None:
+        """The deferred fdatasync of a batch already acknowledged (sync_before_ack=False)."""
+        with self._lock:
+            try:
+                os.fdatasync(self._fd)
+            except OSError as exc:   # a failing disk: loud here, and the next write reports it to its callers
+                logging.getLogger(__name__).error("outcome log fdatasync failed: %s", exc)
 
 
 def _settle(fut: asyncio.Future, error: BaseException | None) -> None:

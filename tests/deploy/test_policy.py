@@ -75,3 +75,61 @@ def test_the_learnt_selector_plugs_in_behind_the_same_interface(tiny_pair):
     choice = pick(learnt, req(), POOLS)
     assert choice.pool in {"big", "small", "busy"} and choice.features      # features recorded for retraining
     assert pick(learnt, req("pld"), POOLS).reason == "override"
+
+
+# ---- the Router's user_config (what `serve deploy` changes in place) -----------------------------------------
+
+@pytest.mark.parametrize("config, error", [
+    ({"selector": "/srv/selector.skops"}, None),
+    ({"explore": 0.2, "selector_check_s": 0}, None),
+    ({}, None),
+    ({"explore": 1.5}, "less than or equal to 1"),
+    ({"selector_check_s": -1}, "greater than or equal to 0"),
+    ({"selector": ""}, "at least 1 character"),
+    ({"max_tokens_limit": 8}, "cannot change in place"),
+])
+def test_user_config_changes_only_the_selector_settings(config, error):
+    from metaspec.deploy.config import RouterSpec
+    from metaspec.deploy.policy import apply_user_config, user_config
+
+    spec = RouterSpec(selector="default", methods=("pld", "ar"), api_key_hashes=("a" * 64,))
+    assert apply_user_config(spec, user_config(spec)) == spec
+    if error:
+        with pytest.raises(ValueError, match=error):
+            apply_user_config(spec, config)
+        return
+    new = apply_user_config(spec, config)
+    assert {k: getattr(new, k) for k in config} == config
+    assert new.methods == spec.methods and new.api_key_hashes == spec.api_key_hashes
+
+
+def test_the_router_mirror_follows_the_workers_table_through_redis():
+    """Real Redis (127.0.0.1:6379): what a worker's table learnt reaches the router's read-only copy."""
+    import uuid
+
+    from metaspec.deploy.policy import NgramMirror
+    from metaspec.workers.store import RedisConfig, SharedTables, StoreConfig
+    from metaspec.workers.store.sync import make_client
+
+    cfg = StoreConfig(redis=RedisConfig(url="redis://127.0.0.1:6379/0"), sync_interval_s=3600)
+    fp = f"test-mirror-{uuid.uuid4().hex[:8]}"
+    worker = SharedTables(cfg, fp, vocab_size=100)
+    mirror = NgramMirror(cfg, fp, vocab_size=100)
+    try:
+        prompt = [1, 2, 3, 4, 5, 6, 7, 8]
+        assert mirror.hit_rate(prompt) == 0.0
+        worker.ngram.learn([], prompt + [9])
+        if not worker.flush():
+            pytest.skip("no Redis at 127.0.0.1:6379")
+        assert mirror.syncer.sync(force=True)
+        assert mirror.hit_rate(prompt) == 1.0                # every 3-token context of the tail continues
+        assert mirror.hit_rate([50, 51, 52, 53]) == 0.0
+        assert not mirror.table.pending                       # a mirror never has anything to push
+    finally:
+        worker.close()
+        mirror.close()
+        r = make_client(cfg.redis)
+        keys = list(r.scan_iter(f"*{fp}*"))
+        if keys:
+            r.delete(*keys)
+        r.close()

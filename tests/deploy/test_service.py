@@ -70,7 +70,7 @@ def service(tiny_pair, tmp_path_factory, redis_server):
                    "max_ongoing_requests": 2, "max_queued_requests": 2}],
         "router": {"outcome_dir": str(outcome_dir), "default_max_tokens": 16, "max_tokens_limit": MAX_TOKENS_LIMIT,
                    "max_prompt_chars": 20_000, "api_key_hashes": [hash_api_key(KEY)]}})
-    ray.init(num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         port = _free_port()
         start(cfg, ServeOptions(grpc_port=port, http_port=_free_port(), max_message_bytes=MAX_MESSAGE, app_name=APP,
