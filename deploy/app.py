@@ -15,6 +15,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from metaspec.workers.pearl import PearlConfig
 from metaspec.workers.store import RedisConfig, StoreConfig
 from metaspec.workers.worker import DecodeWorker, worker_config
 
@@ -51,8 +52,10 @@ def build_application(cfg: AppConfig) -> Application:
     workers = {pool.name: _worker(pool) for pool in cfg.pools}
     r = cfg.router
     spread = {"max_replicas_per_node": r.max_replicas_per_node} if r.max_replicas_per_node else {}
+    pinned = {"ray_actor_options": {"num_cpus": 0, "resources": dict(r.resources)}} if r.resources else {}
     router = Router.options(num_replicas=r.num_replicas, max_ongoing_requests=r.max_ongoing_requests,
-                            max_queued_requests=r.max_queued_requests, user_config=user_config(r), **spread)
+                            max_queued_requests=r.max_queued_requests, user_config=user_config(r),
+                            **spread, **pinned)
     return router.bind(r, cfg.pools, workers)
 
 
@@ -62,11 +65,18 @@ def _worker(pool: PoolSpec) -> Application:
         actor["num_gpus"] = pool.num_gpus
     if pool.resources:
         actor["resources"] = dict(pool.resources)
+    # A PEARL drafter with a device of its own: one placement-group bundle per device, the drafter a process in
+    # the second (cluster/placement.py); without one, pearl's defaults (a process on a core of the replica's node).
+    group = {"placement_group_bundles": [dict(b) for b in pool.placement_bundles],
+             "placement_group_strategy": pool.placement_strategy} if pool.placement_bundles else {}
+    own = pool.drafter_bundle is not None
+    pearl = PearlConfig(runner="process", drafter_device=pool.drafter_device) if own else None
     cfg = worker_config(pool.name, pool.target, pool.drafter, pool.tokenizer, pool.dtype, pool.device, pool.threads,
-                        pool.k_max, store_config(pool.tables))
+                        pool.k_max, store_config(pool.tables), pearl, pool.drafter_bundle)
     return DecodeWorker.options(name=f"DecodeWorker-{pool.name}", num_replicas=pool.num_replicas,
                                 max_ongoing_requests=pool.max_ongoing_requests,
-                                max_queued_requests=pool.max_queued_requests, ray_actor_options=actor).bind(cfg)
+                                max_queued_requests=pool.max_queued_requests, ray_actor_options=actor,
+                                **group).bind(cfg)
 
 
 def store_config(tables: TablesSpec | None) -> StoreConfig | None:
@@ -131,8 +141,14 @@ def local_cpus(cfg: AppConfig) -> int:
     import math
     import os
 
-    need = sum((p.threads if p.num_cpus is None else p.num_cpus) * p.num_replicas for p in cfg.pools)
+    need = sum(_replica_cpus(p) * p.num_replicas for p in cfg.pools)
     return max(os.cpu_count() or 1, math.ceil(need))
+
+
+def _replica_cpus(pool: PoolSpec) -> float:
+    """Ray CPUs one replica holds: its own, plus its PEARL drafter's bundle."""
+    own = pool.threads if pool.num_cpus is None else pool.num_cpus
+    return own + sum(b.get("CPU", 0.0) for b in pool.placement_bundles[1:])
 
 
 def serve_until_interrupted(cfg: AppConfig, opts: ServeOptions, address: str | None = None,

@@ -13,6 +13,7 @@ The YAML (deploy/metaspec.yaml) is a Ray Serve config file; its application's `a
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 import metaspec
+from metaspec.cluster.placement import pool_placement
+from metaspec.cluster.profiles import DEFAULT_PROFILES, HardwareProfile, load_profiles
 
 CHECKPOINTS = Path(metaspec.__file__).resolve().parent / "checkpoints"   # the shipped target and drafter
 
@@ -57,6 +60,12 @@ class PoolSpec:
     num_gpus: float = 0.0                       # Ray GPUs per replica
     resources: dict[str, float] = field(default_factory=dict)    # custom Ray resources (node type, accelerator)
     tables: TablesSpec | None = TablesSpec()    # shared tables; None = the table-driven arms are unavailable
+    profile: str | None = None                  # hardware profile it was placed by (cluster/profiles.yaml)
+    placement_bundles: tuple[dict[str, float], ...] = ()   # placement group, one bundle per device (0: the replica,
+                                                # 1: the PEARL drafter's own device); () = no placement group
+    placement_strategy: str = "STRICT_PACK"     # of that group: the drafter shares memory with its replica
+    drafter_bundle: int | None = None           # bundle of the PEARL drafter's device; None = pearl's defaults
+    drafter_device: str | None = None           # torch device of the PEARL drafter process in its bundle
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,10 @@ class RouterSpec:
                                                 # once (a power loss can lose that last batch, a kill cannot)
     api_key_hashes: tuple[str, ...] = ()        # sha256 hex digests of accepted API keys; empty = no auth
     health_timeout_s: float = 5.0               # a pool that does not answer Health within this is not ok
+    resources: dict[str, float] = field(default_factory=dict)    # custom Ray resources per router replica (e.g.
+                                                # pin routers to nodes that run a gRPC proxy)
+    pool_watch_s: float = 1.0                   # how often the router asks Serve which pools have a running
+                                                # replica (pools without one get no requests; 0 = never ask)
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,17 @@ class TablesModel(BaseModel):
         return TablesSpec(**(self.model_dump(exclude={"redis_password"}) | {"redis_password": secret}))
 
 
+class DrafterPlacementModel(BaseModel):
+    """The PEARL drafter's own device: a second placement-group bundle on the replica's node."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    profile: str | None = None                  # its hardware profile (a cheaper GPU type...); None = the pool's
+    device: str | None = None                   # torch device of the drafter process; None = cuda:0 of its bundle
+                                                # on a GPU profile, else the pool's device
+    cpus: float = Field(default=1.0, gt=0)      # Ray CPUs of its bundle (the drafter process pins one core)
+
+
 class PoolModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -120,7 +144,7 @@ class PoolModel(BaseModel):
     drafter: str | None = None                  # None = the shipped drafter; "" = no drafter
     tokenizer: str | None = None
     dtype: str = Field(default="float32", pattern=r"^(float32|bfloat16|float16)$")
-    device: str = "cpu"
+    device: str | None = None                   # None = the profile's ("cuda" on a GPU), else cpu
     threads: int = Field(default=1, ge=1)
     k_max: int = Field(default=8, ge=1, le=64)
     num_replicas: int = Field(default=1, ge=1)
@@ -128,16 +152,30 @@ class PoolModel(BaseModel):
     max_queued_requests: int = Field(default=16, ge=-1)
     hardware: dict[str, str | float] = Field(default_factory=dict)
     num_cpus: float | None = Field(default=None, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)   # None = the profile's GPUs per replica (0 without one)
     resources: dict[str, float] = Field(default_factory=dict)
     tables: TablesModel | None = Field(default_factory=TablesModel)   # null = no shared tables
+    profile: str | None = None                  # a name in the app's profiles file: placement + selector features
+    pearl_drafter: DrafterPlacementModel | None = None   # give the PEARL drafter a device of its own
 
-    def to_spec(self) -> PoolSpec:
+    def to_spec(self, profiles: Mapping[str, HardwareProfile]) -> PoolSpec:
         target = self.target or str(CHECKPOINTS / "target")
         drafter = str(CHECKPOINTS / "drafter") if self.drafter is None else (self.drafter or None)
-        fields = self.model_dump(exclude={"target", "drafter", "tables"})
+        prof = profiles[self.profile] if self.profile else None
+        own = self.pearl_drafter
+        drafter_prof = (profiles[own.profile] if own.profile else prof) if own else None
+        placed = pool_placement(self.threads, prof, drafter_prof, num_cpus=self.num_cpus, num_gpus=self.num_gpus,
+                                resources=self.resources, drafter_cpus=own.cpus if own else 1.0,
+                                drafter_device=own.device if own else None, drafter_own_device=own is not None)
+        hardware = prof.hardware(placed.devices()) if prof else ({"devices": placed.devices()} if own else {})
+        fields = self.model_dump(exclude={"target", "drafter", "tables", "pearl_drafter", "device", "num_gpus",
+                                          "resources", "hardware"})
         tables = self.tables.to_spec() if self.tables is not None else None
-        return PoolSpec(target=target, drafter=drafter, tables=tables, **fields)
+        return PoolSpec(target=target, drafter=drafter, tables=tables, **fields,
+                        device=self.device or (prof.device if prof else "cpu"), num_gpus=placed.num_gpus,
+                        resources=placed.resources, hardware=hardware | self.hardware,
+                        placement_bundles=placed.bundles, placement_strategy=placed.strategy,
+                        drafter_bundle=placed.drafter_bundle, drafter_device=placed.drafter_device)
 
 
 class RouterModel(BaseModel):
@@ -160,6 +198,8 @@ class RouterModel(BaseModel):
     outcome_fsync_before_reply: bool = True
     api_key_hashes: list[str] = Field(default_factory=list)
     health_timeout_s: float = Field(default=5.0, gt=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    pool_watch_s: float = Field(default=1.0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "RouterModel":
@@ -180,6 +220,7 @@ class AppModel(BaseModel):
 
     pools: list[PoolModel] = Field(default_factory=lambda: [PoolModel(name="cpu")], min_length=1)
     router: RouterModel = Field(default_factory=RouterModel)
+    profiles: str | None = None                 # hardware profiles YAML; None = the shipped cluster/profiles.yaml
 
     @model_validator(mode="after")
     def _unique(self) -> "AppModel":
@@ -188,8 +229,16 @@ class AppModel(BaseModel):
             raise ValueError(f"pool names must be unique, got {names}")
         return self
 
+    @model_validator(mode="after")
+    def _known_profiles(self) -> "AppModel":
+        wanted = {n for p in self.pools for n in (p.profile, p.pearl_drafter and p.pearl_drafter.profile) if n}
+        if wanted and (unknown := sorted(wanted - set(load_profiles(self.profiles)))):
+            raise ValueError(f"unknown hardware profiles {unknown} (see {self.profiles or DEFAULT_PROFILES})")
+        return self
+
     def to_config(self) -> AppConfig:
-        return AppConfig(tuple(p.to_spec() for p in self.pools), self.router.to_spec())
+        profiles = load_profiles(self.profiles) if any(p.profile or p.pearl_drafter for p in self.pools) else {}
+        return AppConfig(tuple(p.to_spec(profiles) for p in self.pools), self.router.to_spec())
 
 
 def load_app_config(args: dict[str, Any] | None) -> AppConfig:

@@ -41,6 +41,7 @@ from metaspec.workers.worker import WorkerInfo, registered_methods
 
 from .config import PoolSpec, RouterSpec
 from .metrics import ServiceMetrics
+from .pool_watch import PoolDown, PoolWatch
 from .policy import (FixedPolicy, NgramMirror, Policy, apply_user_config, check_call, live_config, make_policy,
                      mirror_pool, pick)
 
@@ -65,6 +66,8 @@ def status_of(exc: BaseException) -> Status:
     exc = _cause(exc)
     if isinstance(exc, RequestError):
         return Status(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, PoolDown):
+        return Status(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, BackPressureError):
         return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "the pool's queue is full; retry later")
     if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)):
@@ -104,6 +107,7 @@ class Router:
         self.metrics = ServiceMetrics()
         self._infos: dict[str, WorkerInfo] = {}
         self._inflight = {name: 0 for name in self.pools}
+        self.watch = PoolWatch({n: h.deployment_name for n, h in workers.items()}, spec.pool_watch_s)
         self._key_hashes = tuple(spec.api_key_hashes)
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
@@ -222,7 +226,7 @@ class Router:
         for attempt in (1, 2):
             response = self.workers[pool].generate.remote(request, rid)
             try:
-                return await response
+                return await self.watch.guard(pool, response)   # PoolDown if the pool is lost meanwhile
             except BaseException as exc:
                 if attempt == 1 and _replica_lost(exc):
                     logger.warning("request %s: replica of pool %s lost (%s); retrying once", rid, pool,
@@ -239,7 +243,7 @@ class Router:
             stream = self.workers[pool].options(stream=True).stream.remote(request, rid)
             sent = False
             try:
-                async for item in stream:
+                async for item in self.watch.first_guarded(pool, stream):
                     sent = True
                     yield item
                 return
@@ -269,16 +273,21 @@ class Router:
         call = convert.call_from_proto(msg, self.spec.default_max_tokens)
         check_call(call, self.spec.max_tokens_limit, self.spec.max_prompt_chars)
         infos = await self._pool_infos()
-        if not infos:
+        self.watch.start()
+        serving = {n: i for n, i in infos.items() if self.watch.up(n)}   # pools with a running replica
+        if not serving:
             raise Status(grpc.StatusCode.UNAVAILABLE, "no worker pool is reachable")
-        pools = [PoolInfo(n, i.methods, dict(self.pools[n].hardware), self._load(n)) for n, i in infos.items()]
+        if (m := call.request.method) and not any(m in i.methods for i in serving.values()) and any(
+                m in i.methods for i in infos.values()):
+            raise Status(grpc.StatusCode.UNAVAILABLE, f"every pool that runs {m} is down; retry later")
+        pools = [PoolInfo(n, i.methods, dict(self.pools[n].hardware), self._load(n)) for n, i in serving.items()]
         choice = pick(self.policy, call.request, pools)
         self.metrics.chosen(choice)
         return call, choice, call.request_id or uuid.uuid4().hex
 
     async def _pool_infos(self) -> dict[str, WorkerInfo]:
         """Each pool's WorkerInfo, asked once per pool (a pool that does not answer is asked again next time)."""
-        missing = [n for n in self.pools if n not in self._infos]
+        missing = [n for n in self.pools if n not in self._infos and self.watch.up(n)]
         if missing:
             async def ask(name: str) -> None:
                 try:

@@ -15,7 +15,8 @@ def _train(args) -> int:
 
     cfg = TrainConfig(seed=args.seed, max_minutes=args.target_minutes)
     stages = tuple(STAGES) if args.stages == "all" else tuple(args.stages.split(","))
-    run(stages, Path(args.work_dir), Path(args.out), cfg, drafter_minutes=args.drafter_minutes, device=args.device)
+    run(stages, Path(args.work_dir), Path(args.out), cfg, drafter_minutes=args.drafter_minutes, device=args.device,
+        distill_weight=args.distill_weight, drafter_init=args.drafter_init)
     return 0
 
 def _quiet_loading() -> None:
@@ -318,6 +319,36 @@ def _add_serving_commands(sub) -> None:
     g.set_defaults(func=_outcomes_gather)
 
 
+# ---- cluster: thin wrappers over `ray up` / `ray down` / `ray status` / `serve deploy` -------------------------
+
+def _cluster(args) -> int:
+    from metaspec.cluster.launch import ClusterArgs, run
+
+    try:
+        return run(args.action, ClusterArgs(args.cluster_yaml, args.yes, args.serve_config, args.address),
+                   dry_run=args.dry_run)
+    except (ValueError, OSError) as exc:   # an unreadable YAML
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_cluster_commands(sub) -> None:
+    from metaspec.cluster.launch import ACTIONS, DEFAULT_CLUSTER_YAML, DEFAULT_SERVE_YAML
+
+    p = sub.add_parser("cluster", help="start, inspect, stop a Ray cluster (ray up/status/down) and deploy the "
+                                       "service on it (serve deploy)")
+    p.add_argument("action", choices=ACTIONS)
+    p.add_argument("cluster_yaml", nargs="?", default=str(DEFAULT_CLUSTER_YAML),
+                   help="Ray cluster launcher YAML (default: the shipped cluster/aws.yaml)")
+    p.add_argument("--serve-config", default=str(DEFAULT_SERVE_YAML), help="deploy: Serve config YAML "
+                   "(default: the shipped cluster/serve.yaml)")
+    p.add_argument("--address", default=None, help="deploy: dashboard address (http://HEAD:8265) to `serve deploy` "
+                   "to from here (default: run `serve deploy` on the head node)")
+    p.add_argument("--yes", action="store_true", help="up/down: no confirmation prompt")
+    p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    p.set_defaults(func=_cluster)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -329,12 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(DEFAULT_CHECKPOINTS), help="where the HF checkpoints are written")
     p.add_argument("--target-minutes", type=float, default=60.0)
     p.add_argument("--drafter-minutes", type=float, default=15.0)
+    p.add_argument("--distill-weight", type=float, default=0.5,
+                   help="drafter loss = w * KL(target || drafter) + (1 - w) * cross-entropy on the corpus")
+    p.add_argument("--drafter-init", default=None, help="continue training this drafter checkpoint instead of a fresh one")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_train)
     _add_generate(sub)
     _add_bench(sub)
     _add_selector_commands(sub)
     _add_serving_commands(sub)
+    _add_cluster_commands(sub)
     return parser
 
 

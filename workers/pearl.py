@@ -56,6 +56,8 @@ class PearlConfig:
     runner: str = "auto"              # "process" | "thread" | "auto": a thread with its own CUDA stream when the
                                       # drafter is on the only CUDA device, a process everywhere else
     drafter_device: str | None = None # process runner: device of the drafter (None = its ModelConfig's)
+    drafter_visible_devices: str | None = None  # process runner: CUDA_VISIBLE_DEVICES of the drafter process (the
+                                      # GPU of its placement-group bundle, cluster/placement.py); None = the caller's
     drafter_cpus: tuple[int, ...] | None = None  # CPUs the drafter process is pinned to (None = caller's last)
     pin_caller: bool = False          # also pin the calling (target) process to the CPUs the drafter does not use
     drafter_threads: int = 1          # torch intra-op threads of the drafter process
@@ -331,6 +333,8 @@ def _spawn(ch: Channel, fd: int, source: ModelConfig | None, cfg: PearlConfig) -
         model["device"] = cfg.drafter_device
     cpus = cfg.drafter_cpus or _default_drafter_cpus()
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.drafter_threads), MKL_NUM_THREADS=str(cfg.drafter_threads))
+    if cfg.drafter_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cfg.drafter_visible_devices
     fds = (fd, ch.wake_r, ch.bell_w)
     args = [sys.executable, "-m", "metaspec.workers.pearl", "--model", json.dumps(model), "--fds", json.dumps(fds),
             "--shape", json.dumps([ch.capacity, ch.vocab, ch.ring]), "--cpus", json.dumps(list(cpus)),

@@ -12,12 +12,13 @@ import asyncio
 from contextlib import aclosing
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ray import serve
 
 from .engine import Chunk, Engine, EngineConfig, Request, Result
 from .model import ModelConfig
+from .pearl import PearlConfig
 from .registry import arms
 from .store import SharedTables, StoreConfig
 
@@ -28,6 +29,9 @@ class WorkerConfig:
     engine: EngineConfig            # models and decode settings
     threads: int = 1                # torch intra-op threads of this replica
     store: StoreConfig | None = None  # shared n-gram / recycling tables (Redis-synced); None = no table arms
+    pearl: PearlConfig | None = None  # where the PEARL drafter runs (its device, process); None = pearl's defaults
+    drafter_bundle: int | None = None  # placement-group bundle holding the PEARL drafter's own device (its GPU is
+                                       # found at start, cluster/placement.py); None = no bundle of its own
 
 
 @dataclass(frozen=True)
@@ -55,14 +59,15 @@ _END = object()
 
 def worker_config(pool: str, target: str, drafter: str | None, tokenizer: str | None = None, dtype: str = "float32",
                   device: str = "cpu", threads: int = 1, k_max: int = 8,
-                  store: StoreConfig | None = None) -> WorkerConfig:
+                  store: StoreConfig | None = None, pearl: PearlConfig | None = None,
+                  drafter_bundle: int | None = None) -> WorkerConfig:
     """Build a WorkerConfig from a pool's plain settings."""
     def model(path: str) -> ModelConfig:
         return ModelConfig(path=path, dtype=dtype, device=device, threads=threads)
 
     engine = EngineConfig(target=model(target), drafter=model(drafter) if drafter else None, tokenizer=tokenizer,
                           k_max=k_max, default_method="ar")
-    return WorkerConfig(pool, engine, threads, store)
+    return WorkerConfig(pool, engine, threads, store, pearl, drafter_bundle)
 
 
 @serve.deployment(name="DecodeWorker", ray_actor_options={"num_cpus": 1})
@@ -78,6 +83,8 @@ class DecodeWorker:
             self.tables = SharedTables.for_model(cfg.store, cfg.engine.target.path, self.engine.target.vocab_size,
                                                  cfg.engine.tokenizer)
             self.engine.resources.update(self.tables.resources())
+        if cfg.pearl is not None:
+            self.engine.resources["pearl_config"] = _placed(cfg.pearl, cfg.drafter_bundle)
         self.counters = WorkerCounters()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{cfg.pool}")
 
@@ -127,6 +134,15 @@ class DecodeWorker:
             self.counters.active.discard(key)
             setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
             self._executor.submit(steps.close)   # after any in-flight step, on the same thread
+
+
+def _placed(pearl: PearlConfig, bundle: int | None) -> PearlConfig:
+    """The PEARL config with the drafter process given the GPU Ray reserved in its own bundle (if any)."""
+    if bundle is None:
+        return pearl
+    from metaspec.cluster.placement import drafter_visible_devices
+
+    return replace(pearl, drafter_visible_devices=drafter_visible_devices(bundle))
 
 
 def registered_methods() -> dict[str, tuple[str, tuple[str, ...]]]:
