@@ -30,7 +30,7 @@ def _save(model, tokenizer, out: Path, card: dict) -> None:
 
 
 def run(stages: tuple[str, ...], work_dir: Path, out_dir: Path, cfg: TrainConfig, drafter_minutes: float,
-        device: str = "cpu") -> None:
+        device: str = "cpu", distill_weight: float = 0.5, drafter_init: str | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(cfg.seed)
@@ -59,9 +59,18 @@ def run(stages: tuple[str, ...], work_dir: Path, out_dir: Path, cfg: TrainConfig
         _save(model, tokenizer, out_dir / "target", card)
     if "drafter" in stages:
         teacher = AutoModelForCausalLM.from_pretrained(out_dir / "target", dtype=torch.bfloat16).to(device).eval()
-        dcfg = replace(cfg, max_minutes=drafter_minutes, lr=3e-3, seed=cfg.seed + 1)
-        model = make_model(DRAFTER_SHAPE, dcfg, tokenizer).to(device)
+        dcfg = replace(cfg, max_minutes=drafter_minutes, lr=3e-3 if drafter_init is None else 1e-3, seed=cfg.seed + 1,
+                       distill_weight=distill_weight)
+        if drafter_init is None:
+            model = make_model(DRAFTER_SHAPE, dcfg, tokenizer).to(device)
+        else:  # continue an earlier drafter (e.g. a pure-KL pass after a mixed one)
+            model = AutoModelForCausalLM.from_pretrained(drafter_init, dtype=torch.float32).to(device)
+            prior = json.loads((Path(drafter_init) / "training.json").read_text())
         stats = fit(model, train, dcfg, "drafter", teacher=teacher)
+        if drafter_init is not None:  # the card counts both passes
+            stats = {**stats, "tokens_seen": stats["tokens_seen"] + prior["tokens_seen"],
+                     "wall_s": round(stats["wall_s"] + prior["wall_s"], 1),
+                     "passes": [*prior.get("passes", [prior["config"]]), asdict(dcfg)]}
         card = {"role": "drafter", "parameters": sum(p.numel() for p in model.parameters()), **stats,
                 "distilled_from": "target", "heldout_perplexity": perplexity(model, data["heldout"], dcfg),
                 **base_card, "config": asdict(dcfg)}
