@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..draft_length import expected_tokens
 from ..model import Session
 from ..registry import ArmContext, register
 from ..sampling import probs_from_logits, sample
@@ -37,11 +38,6 @@ class EarlyExitConfig:
 
 def default_exits(num_layers: int) -> tuple[int, ...]:
     return tuple(sorted({min(num_layers - 1, max(1, round(num_layers * f))) for f in (0.25, 0.5, 0.75)}))
-
-
-def expected_tokens(alpha: float, k: int) -> float:
-    """Tokens emitted by one step with a k-token draft at per-token acceptance alpha (bonus included)."""
-    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
 def plan(accepted: dict[int, int], rejected: dict[int, int], num_layers: int, k_cap: int,

@@ -1,15 +1,19 @@
 """Draft-model speculation with a dynamic draft length.
 
-The drafter stops early when its own distribution is too flat to be trusted (SVIP-style entropy bound) and the
-per-request draft length adapts to recent acceptance (grow on full acceptance, shrink on rejection).
+The draft length k is chosen per step from the request's recent per-token acceptance and the measured cost of a
+drafter step relative to a verification (both timed as it decodes, so it adapts to the hardware and its load):
+the k with the most expected tokens per unit of cost. Within a step the drafter also stops early when its own
+distribution is too flat to be trusted (SVIP-style entropy bound).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
+from ..draft_length import Acceptance, best_length
 from ..drafter_cache import DrafterCache
 from ..model import Model
 from ..registry import ArmContext, register
@@ -19,10 +23,12 @@ from ..types import Draft, SamplingParams, Verdict
 
 @dataclass(frozen=True)
 class SpsConfig:
-    k_init: int = 4                 # starting draft length
-    k_min: int = 1                  # draft length floor
     k_max: int = 8                  # draft length ceiling
-    entropy_stop_nats: float = 1.5  # stop drafting after a token whose drafter entropy exceeds this
+    entropy_stop_nats: float = 7.0  # stop drafting after a token whose drafter entropy exceeds this (SVIP-style;
+                                    # calibrated on the shipped drafter, whose entropy is high even when right)
+    prior_accept: float = 0.6       # per-token acceptance assumed before the request has any evidence
+    prior_cost: float = 0.2         # drafter step / verification time assumed before both were timed
+    decay: float = 0.9              # evidence kept per step (acceptance and timings follow recent steps)
 
 
 def entropy(probs: torch.Tensor) -> float:
@@ -35,10 +41,22 @@ class SpsProposer:
     def __init__(self, drafter: Model, params: SamplingParams, generator, cfg: SpsConfig, capacity: int) -> None:
         self.cache = DrafterCache(drafter, capacity)
         self.params, self.generator, self.cfg = params, generator, cfg
-        self.k, self.drafted = cfg.k_init, 0
+        self.acceptance = Acceptance(prior=cfg.prior_accept, decay=cfg.decay)
+        self.step_s = self.verify_s = None       # decayed means: one drafter step; one verification
+        self.drafted, self.proposed_at, self.steps = 0, None, 0
+
+    @property
+    def k(self) -> int:
+        """Draft length for the next step."""
+        cost = self.cfg.prior_cost if self.step_s is None or self.verify_s is None else self.step_s / self.verify_s
+        return best_length(self.acceptance.alpha, cost, self.cfg.k_max)
+
+    def _mean(self, old: float | None, new: float) -> float:
+        return new if old is None else self.cfg.decay * old + (1 - self.cfg.decay) * new
 
     def propose(self, seq: list[int], k: int) -> Draft:
         tokens, rows, ctx = [], [], list(seq)
+        t0 = time.perf_counter()
         while len(tokens) < min(k, self.k):
             logits, _ = self.cache.logits_after(ctx)                           # [V]
             q = probs_from_logits(logits, self.params)                         # [V]
@@ -49,14 +67,19 @@ class SpsProposer:
             # The drafter's own (temperature 1) confidence decides whether another drafter forward pays.
             if entropy(logits.softmax(-1)) > self.cfg.entropy_stop_nats:
                 break
-        self.drafted = len(tokens)
+        self.drafted, self.proposed_at = len(tokens), time.perf_counter()
+        self.steps += 1
+        if tokens and self.steps > 1:  # the first step also prefills the drafter with the prompt: not a step's cost
+            self.step_s = self._mean(self.step_s, (self.proposed_at - t0) / len(tokens))
         return Draft(tokens, None if self.params.greedy or not rows else torch.stack(rows))
 
     def observe(self, seq: list[int], verdict: Verdict) -> None:
-        if self.drafted and verdict.accepted >= self.drafted:
-            self.k = min(self.cfg.k_max, self.k + 1)
-        elif verdict.accepted < self.drafted:
-            self.k = max(self.cfg.k_min, self.k - 1)
+        if self.proposed_at is None:  # a step this arm did not draft (e.g. tokens a grammar forced)
+            return
+        self.verify_s = self._mean(self.verify_s, time.perf_counter() - self.proposed_at)  # forward + verify
+        if self.drafted:
+            self.acceptance.update(verdict.accepted, self.drafted)
+        self.drafted, self.proposed_at = 0, None
 
 
 @register("sps", requires=("drafter",), description="draft-model speculation with entropy-bounded, adaptive draft length")

@@ -1,0 +1,46 @@
+"""How long a draft should be: expected tokens per step against the cost of drafting them.
+
+One step with a k-token draft at per-token acceptance alpha emits (1 - alpha^(k+1)) / (1 - alpha) tokens (the
+bonus included) and costs one verification plus k drafter steps. The best k maximises their ratio; arms that
+track their own acceptance and costs (sps, early_exit) ask here instead of growing and shrinking k by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens emitted by one step with a k-token draft at per-token acceptance alpha (bonus included)."""
+    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def best_length(alpha: float, cost_per_token: float, k_cap: int) -> int:
+    """The k in 1..k_cap with the most expected tokens per verification-equivalent of cost.
+
+    >>> best_length(0.63, 0.19, 8), best_length(0.9, 0.05, 8), best_length(0.2, 0.5, 8)
+    (2, 8, 1)
+    """
+    return max(range(1, max(1, k_cap) + 1), key=lambda k: expected_tokens(alpha, k) / (1 + k * cost_per_token))
+
+
+@dataclass
+class Acceptance:
+    """Per-token acceptance of recent drafts: a Beta-style estimate whose evidence decays by `decay` per step.
+
+    A step that accepted a of n drafted tokens is a successes and, when a < n, one failure (geometric model).
+    """
+
+    prior: float = 0.6      # acceptance assumed before any evidence
+    weight: float = 4.0     # the prior's weight in pseudo-trials
+    decay: float = 0.9      # evidence kept per step (recent acceptance counts most)
+    hits: float = 0.0
+    misses: float = 0.0
+
+    def update(self, accepted: int, drafted: int) -> None:
+        self.hits = self.hits * self.decay + accepted
+        self.misses = self.misses * self.decay + (accepted < drafted)
+
+    @property
+    def alpha(self) -> float:
+        return (self.hits + self.prior * self.weight) / (self.hits + self.misses + self.weight)
