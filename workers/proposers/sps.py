@@ -1,7 +1,8 @@
 """Draft-model speculation with a dynamic draft length.
 
-The draft length k is chosen per step from the request's recent per-token acceptance and the measured cost of a
-drafter step relative to a verification (both timed as it decodes, so it adapts to the hardware and its load):
+The draft length k is chosen per step from the request's recent per-token acceptance and the cost of a drafter
+step relative to a verification (timed as it decodes under greedy decoding, so it adapts to the hardware and its
+load; a configured prior under sampling, so seeds reproduce):
 the k with the most expected tokens per unit of cost. Within a step the drafter also stops early when its own
 distribution is too flat to be trusted (SVIP-style entropy bound).
 """
@@ -47,8 +48,14 @@ class SpsProposer:
 
     @property
     def k(self) -> int:
-        """Draft length for the next step."""
-        cost = self.cfg.prior_cost if self.step_s is None or self.verify_s is None else self.step_s / self.verify_s
+        """Draft length for the next step.
+
+        Measured timings steer k only under greedy decoding, where k cannot change the output; a sampled request
+        uses `prior_cost`, so its draft lengths (and with them its random draws) depend on the seed alone and a
+        fixed seed reproduces the same text.
+        """
+        timed = self.params.greedy and self.step_s is not None and self.verify_s is not None
+        cost = self.step_s / self.verify_s if timed else self.cfg.prior_cost
         return best_length(self.acceptance.alpha, cost, self.cfg.k_max)
 
     def _mean(self, old: float | None, new: float) -> float:
