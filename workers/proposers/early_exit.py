@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..draft_length import expected_tokens
+from ..draft_length import best_length, expected_tokens
 from ..model import Session
 from ..registry import ArmContext, register
 from ..sampling import probs_from_logits, sample
@@ -51,15 +51,17 @@ def plan(accepted: dict[int, int], rejected: dict[int, int], num_layers: int, k_
     (2, 5)
     """
     best, choice = 1.0, (0, 0)                                   # AR: one token per full forward
+    if k_cap < 1:
+        return choice
     for layer in accepted:
         trials = accepted[layer] + rejected[layer] + cfg.prior_weight
         alpha = (accepted[layer] + cfg.prior_accept * cfg.prior_weight) / trials
         alpha = min(0.99, alpha + cfg.explore * math.sqrt(math.log(steps + 2) / trials))
         per_token = (layer + cfg.head_cost_layers) / (num_layers + cfg.head_cost_layers) + cfg.verify_cost_per_token
-        for k in range(1, k_cap + 1):
-            ratio = expected_tokens(alpha, k) / (1 + k * per_token)
-            if ratio > best:
-                best, choice = ratio, (layer, k)
+        k = best_length(alpha, per_token, k_cap)
+        ratio = expected_tokens(alpha, k) / (1 + k * per_token)
+        if ratio > best:
+            best, choice = ratio, (layer, k)
     return choice
 
 
