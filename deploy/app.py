@@ -26,6 +26,17 @@ from .router import Router
 GRPC_SERVICER = "metaspec.protocol.convert.add_MetaSpecServicer_to_server"   # generated one + lenient parsing
 MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"   # Ray reads the proxy's gRPC message limit from this
 DEFAULT_YAML = Path(__file__).resolve().parent / "metaspec.yaml"
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+# Ray Serve's own settings that cut the serving overhead (gRPC + router + choice over a direct worker call) from
+# ~13 ms to ~5 ms p50 on a 2-core machine (`python -m metaspec.deploy.loadtest overhead`, README). deploy/metaspec.yaml
+# sets them; they reach every Serve process through the controller's runtime_env (its actors inherit it).
+LOW_LATENCY_ENV = {
+    DIRECT_INGRESS_ENV: "1",                          # the Router replicas serve gRPC themselves: no proxy hop
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",             # Router -> worker handle calls over gRPC, not actor tasks
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",  # no thread hop per request inside a replica
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",     # (replicas only: a driver's handle needs the separate loop)
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",  # access log lines written in batches
+}
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,31 @@ class ServeOptions:
     app_name: str = "metaspec"
     controller_env: dict[str, str] = field(default_factory=dict)  # further Ray Serve settings for the controller
                                                                   # (e.g. RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S)
+
+    proxy_grpc_port: int | None = None       # direct ingress: the head node's fallback Serve proxy (None = +100)
+
+    @property
+    def direct_ingress(self) -> bool:
+        """Router replicas listen for gRPC themselves (LOW_LATENCY_ENV); Serve keeps one fallback proxy on the
+        head node, on `fallback_grpc_port`."""
+        return self.controller_env.get(DIRECT_INGRESS_ENV) == "1"
+
+    @property
+    def fallback_grpc_port(self) -> int:
+        """The gRPC port of Serve's proxy: the service's port, or with direct ingress the head's fallback proxy."""
+        if not self.direct_ingress:
+            return self.grpc_port
+        return self.proxy_grpc_port if self.proxy_grpc_port is not None else self.grpc_port + 100
+
+    def serve_env(self) -> dict[str, str]:
+        """Environment of the Serve controller and, by inheritance, its proxies and replicas. With direct ingress
+        the first Router replica of each node takes `grpc_port` (Serve gives ingress replicas ports from a range;
+        here the range starts at the service's port, so clients find it where the config says)."""
+        env = dict(self.controller_env) | {MAX_MESSAGE_ENV: str(self.max_message_bytes)}
+        if self.direct_ingress:
+            env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", str(self.grpc_port))
+            env.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT", str(self.grpc_port + 99))
+        return env
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:
@@ -94,10 +130,9 @@ def start(cfg: AppConfig, opts: ServeOptions) -> None:
     serve.start(
         proxy_location=opts.proxy_location,
         http_options={"host": opts.http_host, "port": opts.http_port},
-        grpc_options=gRPCOptions(port=opts.grpc_port, grpc_servicer_functions=[GRPC_SERVICER],
+        grpc_options=gRPCOptions(port=opts.fallback_grpc_port, grpc_servicer_functions=[GRPC_SERVICER],
                                  request_timeout_s=opts.request_timeout_s),
-        controller_options={"runtime_env": {"env_vars": opts.controller_env | {
-            MAX_MESSAGE_ENV: str(opts.max_message_bytes)}}},
+        controller_options={"runtime_env": {"env_vars": opts.serve_env()}},
     )
     serve.run(build_application(cfg), name=opts.app_name, blocking=False)
 
@@ -115,14 +150,19 @@ def load_serve_file(path: str | Path) -> tuple[AppConfig, ServeOptions]:
     http = data.get("http_options") or {}
     env = ((data.get("controller_options") or {}).get("runtime_env") or {}).get("env_vars") or {}
     defaults = ServeOptions()
-    opts = ServeOptions(grpc_port=int(grpc.get("port", defaults.grpc_port)),
+    direct = str(env.get(DIRECT_INGRESS_ENV)) == "1"
+    grpc_port = int(grpc.get("port", defaults.grpc_port))   # with direct ingress: the head's fallback proxy
+    opts = ServeOptions(grpc_port=int(env.get("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", grpc_port - 100))
+                        if direct else grpc_port,
+                        proxy_grpc_port=grpc_port if direct else None,
                         http_port=int(http.get("port", defaults.http_port)),
                         http_host=str(http.get("host", defaults.http_host)),
                         proxy_location=str(data.get("proxy_location", defaults.proxy_location)),
                         max_message_bytes=int(env.get(MAX_MESSAGE_ENV, defaults.max_message_bytes)),
                         request_timeout_s=grpc.get("request_timeout_s"),
                         app_name=str(app.get("name", defaults.app_name)),
-                        controller_env={str(k): str(v) for k, v in env.items() if k != MAX_MESSAGE_ENV})
+                        controller_env={str(k): str(v) for k, v in env.items()   # the ports follow grpc_port
+                                        if k != MAX_MESSAGE_ENV and not k.startswith("RAY_SERVE_DIRECT_INGRESS_M")})
     return load_app_config(app.get("args")), opts
 
 

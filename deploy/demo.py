@@ -27,7 +27,7 @@ def run(config: str, grpc_port: int | None, max_tokens: int) -> int:
     from metaspec.protocol.client import Client, ServiceError
 
     cfg, opts = load_serve_file(config)
-    opts = replace(opts, grpc_port=grpc_port or opts.grpc_port)
+    opts = replace(opts, grpc_port=grpc_port, proxy_grpc_port=None) if grpc_port else opts
     if missing := missing_checkpoints(cfg):
         print(f"error: checkpoints not found: {', '.join(missing)} (run `metaspec train`)", file=sys.stderr)
         return 2

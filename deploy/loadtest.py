@@ -48,7 +48,7 @@ def overhead(server: str, apps: Sequence[str], pool: str, n: int = 200, max_toke
     """
     from ray import serve
 
-    samples: dict[str, list[tuple[float, float, float]]] = {app: [] for app in apps}
+    samples: dict[str, list[tuple[float, ...]]] = {app: [] for app in apps}
     workers = {app: serve.get_deployment_handle(f"DecodeWorker-{pool}", app_name=app) for app in apps}
     clients = {app: Client(server, api_key=api_key, application=app if len(apps) > 1 else None) for app in apps}
     try:
@@ -63,8 +63,10 @@ def overhead(server: str, apps: Sequence[str], pool: str, n: int = 200, max_toke
     return {app: _overhead_stats(rows, max_tokens, method) for app, rows in samples.items()}
 
 
-def _overhead_pair(client: Client, worker, pool: str, max_tokens: int, method: str) -> tuple[float, float, float]:
-    """(gRPC s, direct handle s, engine s) of one request each way."""
+def _overhead_pair(client: Client, worker, pool: str, max_tokens: int,
+                   method: str) -> tuple[float, float, float, float, float]:
+    """(gRPC s, direct handle s, engine s, router s, worker s) of one request each way; the last two are what the
+    router measured around the request and what the worker measured of its part of it."""
     from metaspec.workers.engine import Request
     from metaspec.workers.types import SamplingParams
 
@@ -75,12 +77,12 @@ def _overhead_pair(client: Client, worker, pool: str, max_tokens: int, method: s
     result = worker.generate.remote(request).result()           # the arm the router used
     t2 = time.perf_counter()
     assert reply.pool == pool, f"the router chose pool {reply.pool}; measure with a single-pool app"
-    return t1 - t0, t2 - t1, result.wall_s
+    return t1 - t0, t2 - t1, result.wall_s, reply.timings["wall_s"], reply.timings["worker_wall_s"]
 
 
-def _overhead_stats(rows: list[tuple[float, float, float]], max_tokens: int, method: str) -> dict:
-    grpc_s, handle_s, engine_s = (list(col) for col in zip(*rows))
-    pairs = [g - h for g, h, _ in rows]
+def _overhead_stats(rows: list[tuple[float, ...]], max_tokens: int, method: str) -> dict:
+    grpc_s, handle_s, engine_s, router_s, worker_s = (list(col) for col in zip(*rows))
+    pairs = [row[0] - row[1] for row in rows]
     ms = {name: statistics.median(v) * 1e3 for name, v in (("grpc", grpc_s), ("handle", handle_s),
                                                            ("engine", engine_s))}
     return {"n": len(rows), "max_tokens": max_tokens, "method": method or "auto",
@@ -88,7 +90,10 @@ def _overhead_stats(rows: list[tuple[float, float, float]], max_tokens: int, met
             "grpc_p50_ms": ms["grpc"], "grpc_p99_ms": percentile(grpc_s, 99) * 1e3,
             "worker_handle_p50_ms": ms["handle"], "worker_handle_p99_ms": percentile(handle_s, 99) * 1e3,
             "engine_p50_ms": ms["engine"], "serving_overhead_p50_ms": ms["grpc"] - ms["handle"],
-            "overhead_vs_engine_p50_ms": ms["grpc"] - ms["engine"]}
+            "overhead_vs_engine_p50_ms": ms["grpc"] - ms["engine"],
+            # where it goes: client+gRPC proxy+proxy->router hop, and the router's own span minus the worker's
+            "outside_router_p50_ms": statistics.median(g - r for g, r in zip(grpc_s, router_s)) * 1e3,
+            "router_minus_worker_p50_ms": statistics.median(r - w for r, w in zip(router_s, worker_s)) * 1e3}
 
 
 def start_local(config_paths: Sequence[str], outcome_dir: str) -> tuple[str, list[str]]:
@@ -108,13 +113,16 @@ def start_local(config_paths: Sequence[str], outcome_dir: str) -> tuple[str, lis
             return sock.getsockname()[1]
 
     loaded = [load_serve_file(path) for path in config_paths]
+    if len(loaded) > 1 and any(opts.direct_ingress for _, opts in loaded):
+        raise ValueError("configs with direct ingress serve each app on its own port: measure them one at a time")
     apps = [f"app{i}" for i in range(len(loaded))]
     cfgs = [dataclasses.replace(cfg, router=dataclasses.replace(cfg.router, outcome_dir=f"{outcome_dir}/{app}"))
             for (cfg, _), app in zip(loaded, apps)]
     ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=sum(local_cpus(c) for c in cfgs),
              include_dashboard=False, log_to_driver=False)
     port = free_port()
-    start(cfgs[0], dataclasses.replace(loaded[0][1], grpc_port=port, http_port=free_port(), app_name=apps[0]))
+    start(cfgs[0], dataclasses.replace(loaded[0][1], grpc_port=port, http_port=free_port(), app_name=apps[0],
+                                      proxy_grpc_port=free_port()))
     for cfg, app in zip(cfgs[1:], apps[1:]):
         serve.run(build_application(cfg), name=app, route_prefix=f"/{app}", blocking=False)
     address = f"127.0.0.1:{port}"

@@ -56,6 +56,16 @@ class Status(Exception):
         self.code, self.message = code, message
 
 
+def _local_handles(workers: dict[str, DeploymentHandle]) -> dict[str, DeploymentHandle]:
+    """The same handles asked for in this replica: handles bound at build time carry the defaults of the process
+    that built the app, these carry the replica's own Serve settings (RAY_SERVE_USE_GRPC_BY_DEFAULT: calls to
+    the workers over gRPC instead of Ray actor tasks)."""
+    try:
+        return {n: serve.get_deployment_handle(h.deployment_name, h.app_name) for n, h in workers.items()}
+    except Exception:   # not inside a Serve replica (a plain class in a unit test): keep what was given
+        return dict(workers)
+
+
 def status_of(exc: BaseException) -> Status:
     """Map an exception from checks or from a worker call to the status the client sees."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -97,7 +107,7 @@ class Router:
                  policy: Policy | None = None) -> None:
         self.spec = spec
         self.pools = {p.name: p for p in pools}
-        self.workers = workers
+        self.workers = _local_handles(workers)
         self._tokenizer = None                                   # the next three: built once a learnt selector is used
         self.mirror: NgramMirror | None = None
         self.live: LiveSelector | None = None

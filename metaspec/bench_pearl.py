@@ -4,6 +4,7 @@ Settings (one process; the CPU affinity and torch threads are switched before ev
   ar@1, sps@1   the target on CPU 0 with one thread (the drafter of sps runs there too, in turn)
   ar@2, sps@2   the target on CPUs 0-1 with two threads (the whole machine)
   pearl         the target on CPU 0 with one thread, pearl's drafter process on CPU 1 with one thread
+  pearl-pv      (--pre-verify) the same with the paper's rule after a rollback: verify the first drafted token alone
 Comparison 1, "extra device" (the paper's setting): pearl vs ar@1 / sps@1 — the target gets the same core and
 pearl's drafter uses a core sps leaves idle. Comparison 2, "whole machine": pearl vs ar@2 / sps@2.
 Every prompt runs every setting once per repeat, in an order rotated per prompt, so machine noise hits all alike.
@@ -17,7 +18,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ class PearlBenchConfig:
     target_cpu: int = 0                                   # the target's core in 1-thread settings
     drafter_cpu: int = 1                                  # pearl's drafter core (the second core of ar@2/sps@2)
     seed: int = 0                                         # prompt sampling seed
+    pre_verify: bool = False                              # also run pearl-pv (the paper's 1-token pre-verify)
     quiet_busy: float = 0.15                              # before each prompt, wait until others use less CPU
     quiet_wait_s: float = 120.0                           # ... but no longer than this
     out: str | None = None                                # output folder (None = runs/bench-pearl-<time>)
@@ -56,12 +58,14 @@ class Setting:
     arm: str                  # registered arm
     cpus: tuple[int, ...]     # the calling (target) process's affinity
     threads: int              # torch intra-op threads of the target
+    pre_verify: bool = False  # pearl only: PearlConfig.pre_verify
 
 
 def settings(cfg: PearlBenchConfig) -> list[Setting]:
     one, two = (cfg.target_cpu,), (cfg.target_cpu, cfg.drafter_cpu)
     return [Setting("ar@1", "ar", one, 1), Setting("sps@1", "sps", one, 1), Setting("ar@2", "ar", two, 2),
-            Setting("sps@2", "sps", two, 2), Setting("pearl", "pearl", one, 1)]
+            Setting("sps@2", "sps", two, 2), Setting("pearl", "pearl", one, 1)] + (
+        [Setting("pearl-pv", "pearl", one, 1, pre_verify=True)] if cfg.pre_verify else [])
 
 
 def apply(setting: Setting) -> None:
@@ -81,6 +85,8 @@ def make_engine(cfg: PearlBenchConfig) -> Engine:
 
 def run_once(engine: Engine, setting: Setting, ids: list[int], params: SamplingParams) -> dict:
     apply(setting)
+    if setting.arm == "pearl":   # its own drafter pool (pools are per config); the idle one sleeps
+        engine.resources["pearl_config"] = replace(engine.resources["pearl_config"], pre_verify=setting.pre_verify)
     r = engine.generate(Request(prompt_ids=tuple(ids), params=params, method=setting.arm))
     s = r.stats
     return {"setting": setting.name, "arm": setting.arm, "tokens": len(r.token_ids), "wall_s": r.wall_s,
@@ -144,7 +150,9 @@ def summarize(records: list[dict]) -> list[dict]:
                                       "pearl_vs_sps": tps["pearl"] / tps["sps@1"]},
                      "whole_machine": {"pearl_vs_ar": tps["pearl"] / tps["ar@2"], "sps_vs_ar": tps["sps@2"] / tps["ar@2"],
                                        "pearl_vs_sps": tps["pearl"] / tps["sps@2"]},
-                     "pearl_acceptance_length": statistics.mean(acc) if acc else None})
+                     "pearl_acceptance_length": statistics.mean(acc) if acc else None}
+                    | ({"pearl_pv_vs_sps": tps["pearl-pv"] / tps["sps@1"], "pearl_vs_pearl_pv": tps["pearl"] / tps["pearl-pv"]}
+                       if "pearl-pv" in tps else {}))
     return rows
 
 
@@ -175,12 +183,15 @@ def noise(records: list[dict]) -> dict:
 def table(summary: list[dict]) -> str:
     head = ("| category | ar@1 | sps@1 | pearl | ar@2 | sps@2 | extra device: pearl/sps | pearl/ar@1 | "
             "whole machine: pearl/sps@2 | pearl/ar@2 | pearl acc. len |")
+    pv = "pearl_pv_vs_sps" in summary[0]
+    head += " pearl-pv/sps@1 | pearl/pearl-pv |" if pv else ""
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in summary:
         t, e, w = row["tokens_per_s"], row["extra_device"], row["whole_machine"]
         lines.append(f"| {row['category']} | {t['ar@1']:.1f} | {t['sps@1']:.1f} | {t['pearl']:.1f} | {t['ar@2']:.1f} | "
                      f"{t['sps@2']:.1f} | {e['pearl_vs_sps']:.2f} | {e['pearl_vs_ar']:.2f} | {w['pearl_vs_sps']:.2f} | "
-                     f"{w['pearl_vs_ar']:.2f} | {row['pearl_acceptance_length'] or 0:.2f} |")
+                     f"{w['pearl_vs_ar']:.2f} | {row['pearl_acceptance_length'] or 0:.2f} |"
+                     + (f" {row['pearl_pv_vs_sps']:.2f} | {row['pearl_vs_pearl_pv']:.2f} |" if pv else ""))
     return "\n".join(lines)
 
 
@@ -299,7 +310,8 @@ def run(cfg: PearlBenchConfig) -> dict:
     chosen = sample_prompts(load_prompts(find_data_dir()), cfg.n_per_category, cfg.seed, cfg.categories)
     prompts = tokenize(chosen, engine, budget)
     records = run_loop(engine, cfg, prompts, params)
-    pearl = settings(cfg)[-1]
+    pearl = next(s for s in settings(cfg) if s.name == "pearl")
+    engine.resources["pearl_config"] = replace(engine.resources["pearl_config"], pre_verify=pearl.pre_verify)
     trace = traced_run(engine, pearl, list(prompts[0].ids), params)
     return {"config": asdict(cfg), "machine": {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
                                                 "torch": torch.__version__, "load_avg_end": os.getloadavg()},
@@ -319,11 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=PearlBenchConfig.max_tokens)
     ap.add_argument("--quiet-busy", type=float, default=PearlBenchConfig.quiet_busy)
     ap.add_argument("--quiet-wait-s", type=float, default=PearlBenchConfig.quiet_wait_s)
+    ap.add_argument("--pre-verify", action="store_true", help="also run pearl-pv: the paper's 1-token pre-verify")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     cfg = PearlBenchConfig(a.target, a.drafter, a.dtype, tuple(a.categories) if a.categories else None,
                            a.n_per_category, a.repeats, a.max_tokens, quiet_busy=a.quiet_busy,
-                           quiet_wait_s=a.quiet_wait_s, out=a.out)
+                           quiet_wait_s=a.quiet_wait_s, pre_verify=a.pre_verify, out=a.out)
     result = run(cfg)
     out = Path(cfg.out or time.strftime("runs/bench-pearl-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)

@@ -274,7 +274,7 @@ def _serve(args) -> int:
     except (ValueError, OSError) as exc:   # pydantic's ValidationError is a ValueError
         print(f"error: {path}: {exc}", file=sys.stderr)
         return 2
-    opts = replace(opts, grpc_port=args.grpc_port or opts.grpc_port)
+    opts = replace(opts, grpc_port=args.grpc_port, proxy_grpc_port=None) if args.grpc_port else opts
     if not args.address and (missing := missing_checkpoints(cfg)):
         print(f"error: checkpoints not found: {', '.join(missing)} (run `metaspec train` or set the pool's "
               "target/drafter in the config)", file=sys.stderr)

@@ -63,7 +63,11 @@ class PearlConfig:
     drafter_threads: int = 1          # torch intra-op threads of the drafter process
     gamma: int | None = None          # draft length after a fully accepted draft (None = from the speed ratio)
     gamma_max: int = 8                # longest draft the speed ratio may ask for
-    pre_verify: bool = True           # after a rollback, send the first drafted token to the target at once
+    pre_verify: bool = False          # after a rollback, send the first drafted token to the target at once (the
+                                      # paper's pre-verify, for a drafter about as slow as the target); False: wait
+                                      # for the draft length that acceptance × (drafter step / verification) favours
+    prior_accept: float = 0.6         # per-token acceptance assumed before the request has any evidence
+    decay: float = 0.9                # evidence kept per step (acceptance and timings follow recent steps)
     max_drafters: int = 1             # drafters per pool, each serving one request at a time
     preempt_idle_s: float = 1.0       # a lease unused this long may be taken back for a new request
     spin_s: float = 1e-3              # busy-wait before blocking on a doorbell (each side owns its core; a
@@ -449,18 +453,13 @@ class DrafterPool:
 
     def speed(self, target: Model, drafter: Drafter) -> dict[str, float]:
         """Measured once per target: one verification (5 tokens) and one drafter step, in ms, and their ratio —
-        what decides gamma here and what a selector needs to know where pearl pays."""
+        what sets draft lengths (until a greedy request times its own) and what a selector needs to know where
+        pearl pays."""
         if target not in self.speeds:
             verify_s, step_s = _verify_s(target, 4), max(drafter.step_s, 1e-6)
             self.speeds[target] = {"target_verify_ms": verify_s * 1e3, "drafter_step_ms": step_s * 1e3,
                                    "speed_ratio": verify_s / step_s}
         return self.speeds[target]
-
-    def gamma(self, target: Model, drafter: Drafter) -> int:
-        """Draft length after a fully accepted draft: drafter steps that fit in one verification, minus the bonus."""
-        if self.cfg.gamma is not None:
-            return self.cfg.gamma
-        return max(1, min(self.cfg.gamma_max, round(self.speed(target, drafter)["speed_ratio"]) - 1))
 
     def shutdown(self) -> None:
         for d in list(self.drafters):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 
+from dataclasses import replace
+
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from metaspec.deploy.app import DEFAULT_YAML, GRPC_SERVICER, build_app, load_serve_file, local_cpus
+from metaspec.deploy.app import DEFAULT_YAML, GRPC_SERVICER, LOW_LATENCY_ENV, build_app, load_serve_file, local_cpus
 from metaspec.deploy.config import CHECKPOINTS, RouterSpec, hash_api_key, load_app_config
 
 
@@ -97,11 +99,21 @@ def test_local_ray_gets_enough_cpus_for_every_replica():
 
 def test_controller_settings_in_the_yaml_reach_serve_options(tmp_path):
     data = yaml.safe_load(DEFAULT_YAML.read_text())
-    data["controller_options"]["runtime_env"]["env_vars"] |= {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
-                                                              "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": "1000"}
-    data["grpc_options"]["port"] = 9100
+    env = data["controller_options"]["runtime_env"]["env_vars"]
+    env |= {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": "1000"}
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(data))
+    _, opts = load_serve_file(path)       # shipped: direct ingress, clients on 9000, the fallback proxy on 9100
+    assert opts.controller_env == LOW_LATENCY_ENV | {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+    assert (opts.max_message_bytes, opts.grpc_port, opts.fallback_grpc_port) == (1000, 9000, 9100)
+    assert opts.serve_env()["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] == "9000"
+    moved = replace(opts, grpc_port=9500, proxy_grpc_port=None)     # `metaspec serve --grpc-port 9500`
+    assert (moved.serve_env()["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"], moved.fallback_grpc_port) == ("9500", 9600)
+
+    for key in [k for k in env if k.startswith("RAY_SERVE_") and k not in ("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE",
+                                                                            "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S")]:
+        del env[key]                      # Serve's classic proxy: the proxy's port is the service's port
+    path.write_text(yaml.safe_dump(data))
     _, opts = load_serve_file(path)
-    assert opts.controller_env == {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
-    assert (opts.max_message_bytes, opts.grpc_port) == (1000, 9100)
+    assert not opts.direct_ingress and (opts.grpc_port, opts.fallback_grpc_port) == (9100, 9100)
+    assert "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT" not in opts.serve_env()

@@ -23,7 +23,7 @@ def test_a_pool_is_down_only_when_the_controller_gave_up_on_every_replica():
     assert not w.up("a") and not w.up("b")
     w.update({})                                                  # not listed: unchanged
     assert not w.up("a")
-    w.update({"DecodeWorker-a": ("HEALTHY", 1)})
+    w.update({"DecodeWorker-a": ("HEALTHY", -1)})                # healthy, replicas not counted: back
     assert w.up("a") and not w.up("b")
 
 

@@ -87,7 +87,7 @@ def app(tiny_pair, tmp_path_factory, redis_server):
     write_selector(watched, "v1")
     args = {"pools": [{"name": "a", "target": tiny_pair.target, "drafter": tiny_pair.drafter, "hardware": HARDWARE,
                        "max_ongoing_requests": 4, "max_queued_requests": 16,
-                       "tables": {"redis_url": redis_server[1]}}],
+                       "tables": {"redis_url": redis_server.url}}],
             "router": {"selector": str(watched), "explore": 0.0, "selector_check_s": CHECK_S,
                        "outcome_dir": str(root / "outcomes"), "default_max_tokens": 4}}
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,

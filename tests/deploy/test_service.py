@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 
-from metaspec.deploy.app import ServeOptions, start
+from metaspec.deploy.app import LOW_LATENCY_ENV, ServeOptions, start
 from metaspec.deploy.config import hash_api_key, load_app_config
 from metaspec.protocol.client import API_KEY_HEADER, Client, ServiceError
 from metaspec.protocol.types import Constraint
@@ -37,6 +37,7 @@ SLOW_MACHINE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY
 class Service:
     address: str
     outcome_dir: Path
+    ingress: str
 
 
 def _free_port() -> int:
@@ -45,37 +46,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class RedisServer:
+    """A private redis-server for pool a's shared tables (stopped by a test to show no request needs it)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port, self.data_dir, self.proc = _free_port(), data_dir, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def ensure_running(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                          "--appendonly", "no", "--dir", str(self.data_dir)],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory):
-    """A private redis-server for pool a's shared tables (stopped by a test to show no request needs it)."""
-    port = _free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    yield proc, f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=30)
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.ensure_running()
+    yield server
+    server.stop()
 
 
-@pytest.fixture(scope="module")
-def service(tiny_pair, tmp_path_factory, redis_server):
+@pytest.fixture(scope="module", params=["direct", "proxy"])
+def service(request, tiny_pair, tmp_path_factory, redis_server):
+    """The app behind each ingress Serve offers: Router replicas serving gRPC themselves (direct, the shipped
+    deploy/metaspec.yaml) or Serve's gRPC proxy in front of them (proxy)."""
     import ray
     from ray import serve
 
     outcome_dir = tmp_path_factory.mktemp("outcomes")
     cfg = load_app_config({
         "pools": [{"name": "a", "target": tiny_pair.target, "drafter": tiny_pair.drafter,
-                   "max_ongoing_requests": 2, "max_queued_requests": 2, "tables": {"redis_url": redis_server[1]}},
+                   "max_ongoing_requests": 2, "max_queued_requests": 2, "tables": {"redis_url": redis_server.url}},
                   {"name": "b", "target": tiny_pair.target, "drafter": "", "tables": None,
                    "max_ongoing_requests": 2, "max_queued_requests": 2}],
         "router": {"outcome_dir": str(outcome_dir), "default_max_tokens": 16, "max_tokens_limit": MAX_TOKENS_LIMIT,
                    "max_prompt_chars": 20_000, "api_key_hashes": [hash_api_key(KEY)]}})
+    redis_server.ensure_running()       # each ingress's app starts with Redis up (a test stops it)
     ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         port = _free_port()
         start(cfg, ServeOptions(grpc_port=port, http_port=_free_port(), max_message_bytes=MAX_MESSAGE, app_name=APP,
-                                controller_env=SLOW_MACHINE))
-        yield Service(f"127.0.0.1:{port}", outcome_dir)
+                                controller_env=SLOW_MACHINE | (LOW_LATENCY_ENV if request.param == "direct" else {})))
+        yield Service(f"127.0.0.1:{port}", outcome_dir, request.param)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -121,6 +139,17 @@ def test_generate_unary(client, service):
     record = logged(service)["unary-1"]          # on disk before the reply was sent
     assert (record.status, record.pool, record.method, record.completion_tokens) == ("OK", "a", "sps", 24)
     assert record.source == "service" and record.features["max_tokens"] == 24
+
+
+def test_the_ingress_is_the_configured_one(client, service):
+    """Direct ingress: the Router replica itself listens on the service's port; proxy: Serve's proxy does."""
+    import psutil
+
+    port = int(service.address.rsplit(":", 1)[1])
+    (pid,) = {c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+    title = " ".join(psutil.Process(pid).cmdline())        # Ray titles its workers ray::<actor class>
+    assert ("Router" in title) == (service.ingress == "direct") and ("Proxy" in title) == (service.ingress == "proxy"), title
+    assert client.health().serving
 
 
 def test_stream_deltas_add_up_to_the_unary_answer(client):
@@ -365,13 +394,11 @@ def table_stats(pool: str) -> dict:
 
 
 def test_stopping_redis_fails_no_request(client, redis_server):
-    proc, _ = redis_server
     for method in ("ngram_store", "recycling"):
         assert client.generate("shared tables", max_tokens=8, method=method).pool == "a"
     wait_for(lambda: table_stats("a")["redis"]["syncs"] > 0, "a sync with Redis")
     errors = table_stats("a")["redis"]["errors"]
-    proc.terminate()
-    proc.wait(timeout=30)
+    redis_server.stop()
     for i in range(6):
         reply = client.generate(f"no redis {i}", max_tokens=8, method=("ngram_store", "recycling")[i % 2])
         assert reply.completion_tokens == 8

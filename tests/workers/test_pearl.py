@@ -187,7 +187,7 @@ def test_sampled_tokens_follow_the_target_through_post_verify(small_models):
     (joint) and the third (marginal) must follow the target exactly."""
     target, drafter, hf = small_models
     params, prompt, n = SamplingParams(temperature=1.0, max_tokens=4), [1, 4, 8, 10, 1, 4, 8], 3000
-    cfg = PearlConfig(gamma=1)
+    cfg = PearlConfig(gamma=1, pre_verify=True)
     pairs, thirds, kept = torch.zeros(12, 12, dtype=torch.float64), torch.zeros(12, dtype=torch.float64), 0
     for seed in range(n):
         out, stats, proposer = _run(target, drafter, params, prompt, cfg=cfg, generator_seed=seed)

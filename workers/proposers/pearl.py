@@ -4,11 +4,17 @@ post-verify: while the target verifies a draft, the drafter (workers/pearl.py) c
 accepted. When it is, and the target's bonus token equals the drafter's next token, the next draft is already
 there and `propose` returns it at once; `observe` only advances the committed length. Otherwise `observe` rolls
 the drafter back to the committed sequence (common-prefix rollback of its KV cache) and it starts over.
-pre-verify: after a rollback the first drafted token goes to the target alone, so the target checks it while the
-drafter drafts the rest, instead of idling until a whole draft is ready.
-Draft length after a full acceptance: gamma = (drafter steps that fit in one target verification) - 1, measured
-once per drafter and target, so the drafter produces a draft plus its bonus position while the target verifies.
-Lengths depend on tokens only, never on timing, and the drafter seeds its sampling per position: a seeded
+After a rollback nothing is drafted yet and the target waits for the drafter. The paper sends the first drafted
+token alone (pre-verify: the target checks it while the drafter drafts the rest), which pays when a drafter step
+costs about as much as a verification. Here, by default, the draft after a rollback is as long as the request's
+per-token acceptance and the cost of a drafter step relative to a verification favour (workers/draft_length.py,
+as for sps): with a drafter 14x faster than the target (this CPU), waiting for 3-5 tokens beats a 1-token
+verification. `PearlConfig(pre_verify=True)` restores the paper's rule.
+Draft length after a full acceptance: gamma = (drafter steps that fit in one target verification) - 1, so the
+drafter produces a draft plus its bonus position while the target verifies.
+Under greedy decoding both lengths follow timings measured as the request runs (the drafter's step, the target's
+verification): lengths cannot change greedy output. A sampled request uses the speed ratio measured once when the
+pool started, so its lengths depend on tokens only and the drafter seeds its sampling per position: a seeded
 sampled request is reproducible, and the drafter's q rows travel with its tokens for the p/q rule.
 """
 
@@ -20,17 +26,20 @@ import weakref
 import numpy as np
 import torch
 
-from ..pearl import (D_END, D_EPOCH, D_TRACE_N, M_COMMITTED, M_EPOCH, M_REQ, M_RUN, N_TRACE, Drafter,
+from ..draft_length import Acceptance, best_length
+from ..pearl import (D_END, D_EPOCH, D_STEP_NS, D_TRACE_N, M_COMMITTED, M_EPOCH, M_REQ, M_RUN, N_TRACE, Drafter,
                      DrafterGone, DrafterPool, PearlConfig, pool_for, wait_for)
 from ..registry import ArmContext, register
 from ..types import Draft, SamplingParams, Verdict
 
 
 class PearlProposer:
-    def __init__(self, pool: DrafterPool, drafter: Drafter | None, gamma: int, params: SamplingParams, seed: int,
-                 cfg: PearlConfig, unavailable: str = "") -> None:
-        self.d, self.gamma, self.params, self.seed, self.cfg = drafter, gamma, params, seed, cfg
-        self.unavailable = unavailable
+    def __init__(self, pool: DrafterPool, drafter: Drafter | None, params: SamplingParams, seed: int,
+                 cfg: PearlConfig, unavailable: str = "", speed_ratio: float = 5.0) -> None:
+        self.d, self.params, self.seed, self.cfg = drafter, params, seed, cfg
+        self.speed_ratio, self.unavailable = speed_ratio, unavailable    # verification / drafter step, at start
+        self.acceptance = Acceptance(prior=cfg.prior_accept, decay=cfg.decay)
+        self.verify_s: float | None = None     # decayed mean of one verification as this request runs (greedy)
         self.n, self.epoch, self.proposed, self.rolled_back, self.exhausted = -1, -1, [], True, False
         self.events: list[tuple[str, int, int]] = []   # target side (kind, start ns, end ns): "wait", "verify"
         self.trace_from, self.t_sent, self.kept = 0, 0, 0   # kept: bonus tokens the drafter had already drafted
@@ -41,7 +50,7 @@ class PearlProposer:
         d = self._live()
         if len(seq) != self.n:
             self._start(seq)
-        m = min(k, 1 if self.rolled_back and self.cfg.pre_verify else self.gamma, d.capacity - self.n)
+        m = min(k, self.length(), d.capacity - self.n)
         if self.exhausted or m <= 0:
             self.proposed, self.t_sent = [], time.monotonic_ns()
             return Draft([])
@@ -54,10 +63,38 @@ class PearlProposer:
         self.proposed, self.t_sent = tokens, time.monotonic_ns()
         return Draft(tokens, probs)
 
+    @property
+    def ratio(self) -> float:
+        """Verification time / drafter step: as measured during this request under greedy decoding, else at start."""
+        if self.params.greedy and self.verify_s is not None and self.d is not None:
+            return self.verify_s / max(float(self.d.ch.ctl[D_STEP_NS]) * 1e-9, 1e-7)
+        return self.speed_ratio
+
+    @property
+    def gamma(self) -> int:
+        """Draft length after a fully accepted draft: the drafter steps that fit in one verification, minus the
+        bonus position (a configured gamma is kept as is)."""
+        if self.cfg.gamma is not None:
+            return self.cfg.gamma
+        return max(1, min(self.cfg.gamma_max, round(self.ratio) - 1))
+
+    def length(self) -> int:
+        """Tokens the next draft holds."""
+        if not self.rolled_back:
+            return self.gamma                                        # drafted while the target verified
+        if self.cfg.pre_verify:
+            return 1
+        return best_length(self.acceptance.alpha, 1.0 / self.ratio, self.cfg.gamma_max)   # waited for
+
     def observe(self, seq: list[int], verdict: Verdict) -> None:
         self._live()
-        self.events.append(("verify", self.t_sent, time.monotonic_ns()))
+        now = time.monotonic_ns()
+        self.events.append(("verify", self.t_sent, now))
         emitted, m, n = verdict.emitted, len(self.proposed), self.n
+        if m:
+            self.acceptance.update(verdict.accepted, m)
+            spent = (now - self.t_sent) * 1e-9
+            self.verify_s = spent if self.verify_s is None else self.cfg.decay * self.verify_s + (1 - self.cfg.decay) * spent
         keep = emitted[:m] == self.proposed[: len(emitted[:m])]
         if keep and len(emitted) > m and not self.exhausted:  # post-verify: is the bonus the drafter's next token?
             if n + m >= self.d.capacity:
@@ -148,5 +185,5 @@ def build(ctx: ArmContext) -> PearlProposer:
         drafter = pool.lease()
     except Exception as exc:  # a drafter that cannot start makes this request decode without drafts, not fail
         unavailable = f"pearl drafter could not start: {type(exc).__name__}: {exc}"
-    gamma = pool.gamma(ctx.target, drafter) if drafter is not None else 1
-    return PearlProposer(pool, drafter, gamma, ctx.params, seed, cfg, unavailable)
+    ratio = pool.speed(ctx.target, drafter)["speed_ratio"] if drafter is not None else 1.0
+    return PearlProposer(pool, drafter, ctx.params, seed, cfg, unavailable, ratio)
