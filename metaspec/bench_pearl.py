@@ -151,9 +151,15 @@ def summarize(records: list[dict]) -> list[dict]:
                      "whole_machine": {"pearl_vs_ar": tps["pearl"] / tps["ar@2"], "sps_vs_ar": tps["sps@2"] / tps["ar@2"],
                                        "pearl_vs_sps": tps["pearl"] / tps["sps@2"]},
                      "pearl_acceptance_length": statistics.mean(acc) if acc else None}
-                    | ({"pearl_pv_vs_sps": tps["pearl-pv"] / tps["sps@1"], "pearl_vs_pearl_pv": tps["pearl"] / tps["pearl-pv"]}
-                       if "pearl-pv" in tps else {}))
+                    | _pre_verify_ratios(tps))
     return rows
+
+
+def _pre_verify_ratios(tps: dict[str, float]) -> dict[str, float]:
+    """pearl-pv against sps@1 and pearl against pearl-pv (when pearl-pv ran)."""
+    if "pearl-pv" not in tps:
+        return {}
+    return {"pearl_pv_vs_sps": tps["pearl-pv"] / tps["sps@1"], "pearl_vs_pearl_pv": tps["pearl"] / tps["pearl-pv"]}
 
 
 def _robust_tps(records: list[dict]) -> float:

@@ -63,6 +63,26 @@ def test_greedy_equals_ar_and_drafts_come_from_a_pinned_drafter_process(tiny_eng
     assert threads <= 4, f"drafter process runs {threads} threads; it should run one torch thread"
 
 
+def test_the_draft_after_a_rollback_is_sized_by_acceptance_and_the_speed_ratio():
+    """After a rollback the target waits for the drafter: a drafter 14x faster than the target is worth waiting
+    a few tokens for, one barely faster than it is not; the paper's pre-verify sends one token whatever the ratio.
+    After a fully accepted draft the length is gamma: the drafter steps that fit in one verification, minus one."""
+    from metaspec.workers.draft_length import best_length
+    from metaspec.workers.proposers.pearl import PearlProposer
+
+    def proposer(ratio: float, **cfg) -> PearlProposer:   # no drafter: the lengths follow the ratio given
+        return PearlProposer(None, None, GREEDY, 0, PearlConfig(**cfg), speed_ratio=ratio)
+
+    fast, slow = proposer(14.0), proposer(1.5)
+    assert fast.length() == best_length(PearlConfig().prior_accept, 1 / 14, 8) > 1 == slow.length()
+    assert proposer(14.0, pre_verify=True).length() == 1
+    for p in (fast, slow):
+        p.acceptance.update(8, 8)                 # long accepted drafts raise the length after a rollback
+    assert proposer(14.0).length() < fast.length()
+    fast.rolled_back = slow.rolled_back = False
+    assert (fast.gamma, slow.gamma, proposer(5.0).gamma, proposer(5.0, gamma=2).gamma) == (8, 1, 4, 2)
+
+
 def test_round_trip_through_the_channel(tiny_engine):
     pool = _pool(tiny_engine)
     drafter = pool.lease()

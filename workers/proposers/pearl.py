@@ -94,7 +94,8 @@ class PearlProposer:
         if m:
             self.acceptance.update(verdict.accepted, m)
             spent = (now - self.t_sent) * 1e-9
-            self.verify_s = spent if self.verify_s is None else self.cfg.decay * self.verify_s + (1 - self.cfg.decay) * spent
+            decay = self.cfg.decay
+            self.verify_s = spent if self.verify_s is None else decay * self.verify_s + (1 - decay) * spent
         keep = emitted[:m] == self.proposed[: len(emitted[:m])]
         if keep and len(emitted) > m and not self.exhausted:  # post-verify: is the bonus the drafter's next token?
             if n + m >= self.d.capacity:
