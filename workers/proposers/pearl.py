@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from ..draft_length import Acceptance, best_length
-from ..pearl import (D_END, D_EPOCH, D_STEP_NS, D_TRACE_N, M_COMMITTED, M_EPOCH, M_REQ, M_RUN, N_TRACE, Drafter,
-                     DrafterGone, DrafterPool, PearlConfig, pool_for, wait_for)
+from ..pearl import Drafter, DrafterPool, PearlConfig, pool_for
+from ..pearl_channel import (D_END, D_EPOCH, D_STEP_NS, D_TRACE_N, M_COMMITTED, M_EPOCH, M_REQ, M_RUN, N_TRACE,
+                             DrafterGone, wait_for)
 from ..registry import ArmContext, register
 from ..types import Draft, SamplingParams, Verdict
 
