@@ -43,17 +43,16 @@ LOW_LATENCY_ENV = {
 class ServeOptions:
     """Serve-level (not application-level) settings: the top of the YAML."""
 
-    grpc_port: int = 9000                    # gRPC ingress port (every node with a proxy)
+    grpc_port: int = 9000                    # the service's gRPC port (each node's proxy, or its Router replica)
+    proxy_grpc_port: int | None = None       # direct ingress: the head node's fallback Serve proxy (None = +100)
     http_port: int = 8000                    # Serve's HTTP proxy port (unused by metaspec; must be free)
     http_host: str = "127.0.0.1"
     proxy_location: str = "EveryNode"        # a gRPC proxy on every node: no single ingress bottleneck
-    max_message_bytes: int = 4 << 20         # gRPC messages above this get RESOURCE_EXHAUSTED at the proxy
+    max_message_bytes: int = 4 << 20         # gRPC messages above this get RESOURCE_EXHAUSTED at the ingress
     request_timeout_s: float | None = None   # end-to-end limit Serve enforces (DEADLINE_EXCEEDED); None = none
     app_name: str = "metaspec"
     controller_env: dict[str, str] = field(default_factory=dict)  # further Ray Serve settings for the controller
                                                                   # (e.g. RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S)
-
-    proxy_grpc_port: int | None = None       # direct ingress: the head node's fallback Serve proxy (None = +100)
 
     @property
     def direct_ingress(self) -> bool:
