@@ -15,13 +15,23 @@ def expected_tokens(alpha: float, k: int) -> float:
     return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
+def tokens_per_cost(alpha: float, k: int, cost_per_token: float) -> float:
+    """Expected tokens of one step with a k-token draft per verification-equivalent of its cost."""
+    return expected_tokens(alpha, k) / (1 + k * cost_per_token)
+
+
 def best_length(alpha: float, cost_per_token: float, k_cap: int) -> int:
     """The k in 1..k_cap with the most expected tokens per verification-equivalent of cost.
 
     >>> best_length(0.63, 0.19, 8), best_length(0.9, 0.05, 8), best_length(0.2, 0.5, 8)
     (2, 8, 1)
     """
-    return max(range(1, max(1, k_cap) + 1), key=lambda k: expected_tokens(alpha, k) / (1 + k * cost_per_token))
+    return max(range(1, max(1, k_cap) + 1), key=lambda k: tokens_per_cost(alpha, k, cost_per_token))
+
+
+def decayed_mean(old: float | None, new: float, decay: float) -> float:
+    """Running mean that keeps `decay` of the old value per sample (the first sample starts it)."""
+    return new if old is None else decay * old + (1 - decay) * new
 
 
 @dataclass

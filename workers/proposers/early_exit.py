@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..draft_length import best_length, expected_tokens
+from ..draft_length import best_length, tokens_per_cost
 from ..model import Session
 from ..registry import ArmContext, register
 from ..sampling import probs_from_logits, sample
@@ -59,7 +59,7 @@ def plan(accepted: dict[int, int], rejected: dict[int, int], num_layers: int, k_
         alpha = min(0.99, alpha + cfg.explore * math.sqrt(math.log(steps + 2) / trials))
         per_token = (layer + cfg.head_cost_layers) / (num_layers + cfg.head_cost_layers) + cfg.verify_cost_per_token
         k = best_length(alpha, per_token, k_cap)
-        ratio = expected_tokens(alpha, k) / (1 + k * per_token)
+        ratio = tokens_per_cost(alpha, k, per_token)
         if ratio > best:
             best, choice = ratio, (layer, k)
     return choice

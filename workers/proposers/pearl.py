@@ -26,7 +26,7 @@ import weakref
 import numpy as np
 import torch
 
-from ..draft_length import Acceptance, best_length
+from ..draft_length import Acceptance, best_length, decayed_mean
 from ..pearl import Drafter, DrafterPool, PearlConfig, pool_for
 from ..pearl_channel import (D_END, D_EPOCH, D_STEP_NS, D_TRACE_N, M_COMMITTED, M_EPOCH, M_REQ, M_RUN, N_TRACE,
                              DrafterGone, wait_for)
@@ -94,9 +94,7 @@ class PearlProposer:
         emitted, m, n = verdict.emitted, len(self.proposed), self.n
         if m:
             self.acceptance.update(verdict.accepted, m)
-            spent = (now - self.t_sent) * 1e-9
-            decay = self.cfg.decay
-            self.verify_s = spent if self.verify_s is None else decay * self.verify_s + (1 - decay) * spent
+            self.verify_s = decayed_mean(self.verify_s, (now - self.t_sent) * 1e-9, self.cfg.decay)
         keep = emitted[:m] == self.proposed[: len(emitted[:m])]
         if keep and len(emitted) > m and not self.exhausted:  # post-verify: is the bonus the drafter's next token?
             if n + m >= self.d.capacity:

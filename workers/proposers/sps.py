@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..draft_length import Acceptance, best_length
+from ..draft_length import Acceptance, best_length, decayed_mean
 from ..drafter_cache import DrafterCache
 from ..model import Model
 from ..registry import ArmContext, register
@@ -58,9 +58,6 @@ class SpsProposer:
         cost = self.step_s / self.verify_s if timed else self.cfg.prior_cost
         return best_length(self.acceptance.alpha, cost, self.cfg.k_max)
 
-    def _mean(self, old: float | None, new: float) -> float:
-        return new if old is None else self.cfg.decay * old + (1 - self.cfg.decay) * new
-
     def propose(self, seq: list[int], k: int) -> Draft:
         tokens, rows, ctx = [], [], list(seq)
         t0 = time.perf_counter()
@@ -77,13 +74,14 @@ class SpsProposer:
         self.drafted, self.proposed_at = len(tokens), time.perf_counter()
         self.steps += 1
         if tokens and self.steps > 1:  # the first step also prefills the drafter with the prompt: not a step's cost
-            self.step_s = self._mean(self.step_s, (self.proposed_at - t0) / len(tokens))
+            self.step_s = decayed_mean(self.step_s, (self.proposed_at - t0) / len(tokens), self.cfg.decay)
         return Draft(tokens, None if self.params.greedy or not rows else torch.stack(rows))
 
     def observe(self, seq: list[int], verdict: Verdict) -> None:
         if self.proposed_at is None:  # a step this arm did not draft (e.g. tokens a grammar forced)
             return
-        self.verify_s = self._mean(self.verify_s, time.perf_counter() - self.proposed_at)  # forward + verify
+        self.verify_s = decayed_mean(self.verify_s, time.perf_counter() - self.proposed_at,  # forward + verify
+                                     self.cfg.decay)
         if self.drafted:
             self.acceptance.update(verdict.accepted, self.drafted)
         self.drafted, self.proposed_at = 0, None
