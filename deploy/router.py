@@ -108,8 +108,7 @@ class Router:
         self.spec = spec
         self.pools = {p.name: p for p in pools}
         self.workers = _local_handles(workers)
-        self._tokenizer = None                                   # the next three: built once a learnt selector is used
-        self.mirror: NgramMirror | None = None
+        self.mirror: NgramMirror | None = None                   # these two: built once a learnt selector is used
         self.live: LiveSelector | None = None
         self.policy: Policy = policy or self._policy_for(spec)
         self.log = OutcomeLog(OutcomeLogConfig(spec.outcome_dir, spec.outcome_max_bytes, fsync=spec.outcome_fsync,
@@ -131,15 +130,11 @@ class Router:
     def _policy_for(self, spec: RouterSpec) -> Policy:
         if spec.selector == "fixed":
             return FixedPolicy(spec.methods)
-        if self.live is None:
-            if self._tokenizer is None:
-                from transformers import AutoTokenizer
-
-                first = next(iter(self.pools.values()))
-                self._tokenizer = AutoTokenizer.from_pretrained(first.tokenizer or first.target)
-            pool = mirror_pool(tuple(self.pools.values()))
+        if self.live is None:                                    # built once, the first time a learnt selector is used
+            pools = tuple(self.pools.values())
+            pool = mirror_pool(pools)
             self.mirror = NgramMirror.for_pool(pool) if pool is not None else None
-            self.live = make_policy(spec, (), self._tokenizer, self.mirror.hit_rate if self.mirror else None)
+            self.live = make_policy(spec, pools, ngram_hit_rate=self.mirror.hit_rate if self.mirror else None)
         elif error := self.live.switch(live_config(spec)):
             logger.error("router reconfigure: %s", error)
         return self.live
