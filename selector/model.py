@@ -63,10 +63,14 @@ class SelectorModel:
         self._fast = compile_fast(estimator)   # None: use the estimator's own predict
 
     @property
+    def data_version(self) -> str:
+        """Estimator kind and training data: `<kind>-<data hash>`."""
+        return f"{self.meta.get('kind', 'model')}-{str(self.meta.get('data_hash', ''))[:8]}"
+
+    @property
     def version(self) -> str:
         """What outcomes record as `selector_version`: the file's own version (set by retrain), else kind + data."""
-        fallback = f"{self.meta.get('kind', 'model')}-{str(self.meta.get('data_hash', ''))[:8]}"
-        return str(self.meta.get("version") or fallback)
+        return str(self.meta.get("version") or self.data_version)
 
     def rows(self, request: Mapping[str, float], candidates: list[tuple[Mapping[str, float], str]]) -> np.ndarray:
         """[C, F] input rows for one request on each (pool features, method) candidate; the method must be known."""

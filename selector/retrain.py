@@ -97,7 +97,7 @@ def retrain(outcome_paths: list[str | Path], current: str | Path | None, out: st
 def model_version(model: SelectorModel) -> str:
     """A version unique to this write: kind, training data and time (outcomes record which one served)."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}"
-    return f"{model.meta.get('kind', 'model')}-{str(model.meta.get('data_hash', ''))[:8]}-{stamp}"
+    return f"{model.data_version}-{stamp}"
 
 
 def _probe_rows(model: SelectorModel, table: Table, n: int = 32) -> np.ndarray:
