@@ -4,7 +4,8 @@ The router asks `LiveSelector.choose` exactly as it would ask a `Selector`. At m
 request looks at the file's (mtime, size, inode) — one `os.stat`, a few microseconds — and when they changed a
 background thread loads the new file while requests keep using the current selector; the swap is one attribute
 assignment. A file that cannot be trusted (corrupted, foreign, another feature version: see `load_selector`) is
-refused with a logged error and the current selector stays; it is tried again only once the file changes again.
+refused with a logged error and the current selector stays; it is tried again only once the file changes again
+(any exception while loading counts as a refusal, so no file can make every check retry it).
 
 >>> live = LiveSelector(LiveConfig("/srv/selector.skops", check_s=2.0), tokenizer=tok)   # doctest: +SKIP
 >>> live.choose(request, pools).selector_version                                        # doctest: +SKIP
@@ -26,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .rules import DEFAULT_ARMS, ArmSpec
-from .selector import DEFAULT_MODEL, SelectorConfig, _Base, load_selector
+from .model import SelectorFileError
+from .selector import DEFAULT_MODEL, FixedSelector, SelectorConfig, _Base, load_selector
 from .types import Choice, PoolInfo
 
 logger = logging.getLogger(__name__)
@@ -111,11 +113,16 @@ class LiveSelector:
 
     def _load(self, path: Path) -> str | None:
         """Load `path` and swap it in, or keep the current selector; call with the lock held."""
-        seen = signature(path)
-        selector, error = load_selector(path if path != DEFAULT_MODEL or path.is_file() else None,
-                                        self.cfg.selector, self.current, self.arms, self.ngram_hit_rate,
-                                        self.tokenizer)
-        self._seen, self.last_error = seen, error
+        seen = signature(path)      # taken first: a file that changes while loading is tried again
+        try:
+            selector, error = load_selector(path if path != DEFAULT_MODEL or path.is_file() else None,
+                                            self.cfg.selector, self.current, self.arms, self.ngram_hit_rate,
+                                            self.tokenizer)
+        except Exception as exc:  # noqa: BLE001 - whatever a file does, it is refused like a SelectorFileError
+            selector, error = self.current, str(SelectorFileError(f"{path}: {type(exc).__name__}: {exc}"))
+            if selector is None:
+                selector = FixedSelector(self.cfg.selector, self.arms, self.ngram_hit_rate, self.tokenizer)
+        self._seen, self.last_error = seen, error   # refused: not tried again until its signature changes
         if error:
             kept = self.current.version if self.current is not None else f"{selector.version} (nothing loaded)"
             self.log.error("selector file %s refused, keeping selector %s: %s", path, kept, error)

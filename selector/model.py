@@ -115,25 +115,66 @@ class SelectorModel:
 
     @classmethod
     def load(cls, path: str | Path) -> "SelectorModel":
-        """Load and verify a model file; raise SelectorFileError with the reason when it cannot be trusted."""
+        """Load and verify a model file; raise SelectorFileError with the reason when it cannot be trusted.
+
+        Every shape a file can hold is checked before it is used (a dict with the marker, each field of the
+        expected type and size, an estimator with `predict`); whatever else goes wrong while building or
+        probing the model is a SelectorFileError too, never another exception.
+        """
         payload = _read(Path(path))
-        if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
-            raise SelectorFileError(f"{path} is not a metaspec selector file (format marker missing)")
-        if payload.get("format_version") != FILE_FORMAT_VERSION:
-            raise SelectorFileError(f"{path}: file format {payload.get('format_version')!r}, "
-                                    f"this build reads {FILE_FORMAT_VERSION}")
-        if payload.get("feature_version") != FEATURE_VERSION:
-            raise SelectorFileError(f"{path} was trained on feature version {payload.get('feature_version')!r}; "
-                                    f"this build computes version {FEATURE_VERSION}: retrain it")
-        model = cls(payload["estimator"], list(payload["methods"]), payload.get("meta"))
-        if list(payload["feature_names"]) != model.names:
-            raise SelectorFileError(f"{path}: its feature names differ from this build's")
-        got = model.predict(payload["probe_x"])
-        if not np.allclose(got, payload["probe_y"], rtol=1e-6, atol=1e-6):
-            raise SelectorFileError(f"{path}: predictions after loading differ from those saved "
-                                    f"(saved with {payload.get('versions')}, running {library_versions()})")
+        _check_payload(payload, path)
+        try:
+            model = cls(payload["estimator"], list(payload["methods"]), payload.get("meta"))
+            if list(payload["feature_names"]) != model.names:
+                raise SelectorFileError(f"{path}: its feature names differ from this build's")
+            probe_x, probe_y = _probe(payload, len(model.names), path)
+            got = np.asarray(model.predict(probe_x), dtype=float)
+            if got.shape != probe_y.shape or not np.allclose(got, probe_y, rtol=1e-6, atol=1e-6):
+                raise SelectorFileError(f"{path}: predictions after loading differ from those saved "
+                                        f"(saved with {payload.get('versions')}, running {library_versions()})")
+        except SelectorFileError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a file we cannot use is refused, whatever the reason
+            raise SelectorFileError(f"{path}: malformed selector file: {type(e).__name__}: {e}") from e
         model.meta["versions"] = payload.get("versions", {})
         return model
+
+
+def _check_payload(payload: Any, path: str | Path) -> None:
+    """The top-level shape of a selector file; raises SelectorFileError naming the first field that is wrong."""
+    if not isinstance(payload, dict) or payload.get("format") != FILE_FORMAT:
+        raise SelectorFileError(f"{path} is not a metaspec selector file (format marker missing)")
+    if payload.get("format_version") != FILE_FORMAT_VERSION:
+        raise SelectorFileError(f"{path}: file format {payload.get('format_version')!r}, "
+                                f"this build reads {FILE_FORMAT_VERSION}")
+    if payload.get("feature_version") != FEATURE_VERSION:
+        raise SelectorFileError(f"{path} was trained on feature version {payload.get('feature_version')!r}; "
+                                f"this build computes version {FEATURE_VERSION}: retrain it")
+    for name in ("methods", "feature_names"):
+        value = payload.get(name)
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+            raise SelectorFileError(f"{path}: `{name}` must be a non-empty list of strings")
+    if len(set(payload["methods"])) != len(payload["methods"]):
+        raise SelectorFileError(f"{path}: `methods` lists a method twice")
+    for name in ("meta", "versions"):
+        if not isinstance(payload.get(name, {}), (dict, type(None))):
+            raise SelectorFileError(f"{path}: `{name}` must be a mapping")
+    if not callable(getattr(payload.get("estimator"), "predict", None)):
+        raise SelectorFileError(f"{path}: `estimator` is not a fitted regressor (no predict)")
+
+
+def _probe(payload: dict, width: int, path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """probe_x [P, width] and probe_y [P], finite floats, at least one row."""
+    x, y = payload.get("probe_x"), payload.get("probe_y")
+    if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray) or x.dtype.kind not in "fiu" \
+            or y.dtype.kind not in "fiu":
+        raise SelectorFileError(f"{path}: `probe_x` and `probe_y` must be numeric arrays")
+    if x.ndim != 2 or x.shape[1] != width or not 0 < len(x) <= 100_000 or y.shape != (len(x),):
+        raise SelectorFileError(f"{path}: probe shapes {x.shape} / {y.shape} do not fit {width} features")
+    x, y = x.astype(float), y.astype(float)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        raise SelectorFileError(f"{path}: the probe holds non-finite values")
+    return x, y
 
 
 def _read(path: Path) -> Any:

@@ -117,3 +117,26 @@ def test_retrain_writes_atomically_with_a_new_version_each_time(tmp_path):
     assert second["written"] and second["version"] != first["version"]
     assert live.poll(now=1e9).result() is None and live.version == second["version"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outcomes.jsonl", "selector.skops"]   # no temp left
+
+
+def test_a_file_that_breaks_loading_in_any_way_is_refused_once_until_it_changes(table, tmp_path, monkeypatch):
+    from metaspec.selector import model as model_module
+
+    path = tmp_path / "selector.skops"
+    save(table, path, "v1")
+    live = LiveSelector(LiveConfig(str(path), check_s=1.0, selector=NO_EXPLORE))
+    calls = []
+
+    def broken(cls, p):
+        calls.append(p)
+        raise RuntimeError("not a SelectorFileError")
+
+    monkeypatch.setattr(model_module.SelectorModel, "load", classmethod(broken))
+    replace_with(path, b"PK\x03\x04 something new")
+    assert live.poll(now=1e9).result() is not None           # refused, not raised
+    assert live.version == "v1" and "RuntimeError" in live.last_error and len(calls) == 1
+    for t in range(2, 6):                                   # unchanged: never tried again
+        assert live.poll(now=1e9 * t) is None
+    assert len(calls) == 1
+    replace_with(path, b"PK\x03\x04 changed again")
+    assert live.poll(now=1e10).result() is not None and len(calls) == 2

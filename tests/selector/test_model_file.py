@@ -83,3 +83,51 @@ def test_other_feature_version_or_tampered_predictions_are_refused(saved, tmp_pa
     _refused(tmp_path / "old.skops", "feature version 999")
     sio.dump(payload | {"probe_y": payload["probe_y"] + 1.0}, tmp_path / "drift.skops")
     _refused(tmp_path / "drift.skops", "predictions after loading differ")
+
+
+def _payload(path):
+    return sio.load(path, trusted=sio.get_untrusted_types(file=path))
+
+
+MALFORMED = {
+    "a list, not a dict": lambda p: [p],
+    "no methods": lambda p: {k: v for k, v in p.items() if k != "methods"},
+    "methods a string": lambda p: p | {"methods": "sps"},
+    "methods of ints": lambda p: p | {"methods": [1, 2]},
+    "methods empty": lambda p: p | {"methods": []},
+    "methods repeated": lambda p: p | {"methods": p["methods"] + p["methods"][:1]},
+    "feature names missing": lambda p: {k: v for k, v in p.items() if k != "feature_names"},
+    "feature names a dict": lambda p: p | {"feature_names": {"a": 1}},
+    "estimator missing": lambda p: {k: v for k, v in p.items() if k != "estimator"},
+    "estimator a dict": lambda p: p | {"estimator": {"predict": 1}},
+    "estimator an array": lambda p: p | {"estimator": np.zeros(3)},
+    "meta a list": lambda p: p | {"meta": [1, 2]},
+    "versions an int": lambda p: p | {"versions": 3},
+    "probe missing": lambda p: {k: v for k, v in p.items() if k != "probe_x"},
+    "probe a string": lambda p: p | {"probe_x": "rows"},
+    "probe of strings": lambda p: p | {"probe_x": np.array([["a"] * p["probe_x"].shape[1]])},
+    "probe 1-d": lambda p: p | {"probe_x": p["probe_x"][0]},
+    "probe too narrow": lambda p: p | {"probe_x": p["probe_x"][:, :3]},
+    "probe empty": lambda p: p | {"probe_x": p["probe_x"][:0], "probe_y": p["probe_y"][:0]},
+    "probe_y too short": lambda p: p | {"probe_y": p["probe_y"][:1]},
+    "probe non-finite": lambda p: p | {"probe_x": p["probe_x"] * np.nan},
+    "format version a list": lambda p: p | {"format_version": [1]},
+    "feature version a string": lambda p: p | {"feature_version": "2"},
+}
+
+
+@pytest.mark.parametrize("shape", sorted(MALFORMED))
+def test_every_malformed_shape_is_a_selector_file_error(saved, tmp_path, shape):
+    _, path = saved
+    bad = tmp_path / "bad.skops"
+    sio.dump(MALFORMED[shape](_payload(path)), bad)
+    with pytest.raises(SelectorFileError):
+        SelectorModel.load(bad)
+
+
+def test_an_estimator_that_fails_to_predict_is_a_selector_file_error(saved, tmp_path):
+    from sklearn.linear_model import Ridge
+
+    _, path = saved
+    sio.dump(_payload(path) | {"estimator": Ridge()}, tmp_path / "unfitted.skops")   # predict raises NotFitted
+    _refused(tmp_path / "unfitted.skops", "malformed selector file")
