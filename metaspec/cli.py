@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -39,23 +41,66 @@ def _generate(args) -> int:
     from metaspec.workers.engine import Request
     from metaspec.workers.types import RequestError, SamplingParams
 
+    try:
+        constraint = _constraint(args)
+    except (ValueError, OSError) as exc:   # RequestError is a ValueError
+        return _generate_error(args, exc)
+    if args.compare and (constraint is not None or args.json):
+        return _generate_error(args, ValueError("--compare runs unconstrained and prints a table; drop "
+                                                "--json-schema/--regex/--grammar/--json"))
     if getattr(args, "server", None):
-        return _generate_remote(args)   # gRPC client to a running service: no model loads here
+        return _generate_remote(args, constraint)   # gRPC client to a running service: no model loads here
     _quiet_loading()
     # everything below is the local, in-process path.
     try:
-        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                max_tokens=args.max_tokens, stop=tuple(args.stop), seed=args.seed)
         engine = local_engine(GenerateConfig(args.target, _drafter(args.drafter), args.dtype, args.threads))
-        result = stream_text(engine, Request(prompt=args.prompt, params=params, method=args.method))
+        request = Request(prompt=args.prompt, params=params, method=args.method, constraint=constraint)
+        if args.json:
+            result = engine.generate(request)
+            print(json.dumps(_result_record(result)), flush=True)
+            return 0
+        result = stream_text(engine, request)
         print(("" if args.method else "(automatic method) ") + stats_line(result))
         if args.compare:
             rows = compare_methods(engine, args.prompt, params, repeats=args.repeats)
             print(f"\nevery method on this prompt ({args.dtype}, median of {args.repeats} interleaved runs):")
             print(compare_table(rows, greedy=params.greedy))
     except (RequestError, OSError) as exc:  # a bad request, or checkpoints that cannot be loaded
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _generate_error(args, exc)
     return 0
+
+
+def _constraint(args):
+    """--json-schema / --regex / --grammar (text, or @FILE) -> the request's ConstraintSpec (None without one)."""
+    from metaspec.workers.constraint import ConstraintSpec
+
+    for kind, value in (("json_schema", args.json_schema), ("regex", args.regex), ("grammar", args.grammar)):
+        if value is not None:
+            source = Path(value[1:]).read_text() if value.startswith("@") else value
+            if kind == "json_schema":
+                json.loads(source)                       # a clear error here, before any model loads
+            return ConstraintSpec(kind, source)
+    return None
+
+
+def _result_record(result) -> dict:
+    """One local generation as a JSON-able record (`generate --json`)."""
+    s = result.stats
+    return {"text": result.text, "method": result.method, "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
+            "acceptance_length": s.get("acceptance_length", 1.0), "acceptance_rate": s.get("acceptance_rate", 0.0),
+            "ttft_s": result.ttft_s, "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
+            "fallback": s.get("fallback") or ""}
+
+
+def _generate_error(args, exc: BaseException) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": str(exc)}), flush=True)
+    else:
+        print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 def _bench(args) -> int:
@@ -99,7 +144,17 @@ def _add_generate(sub) -> None:
     p.add_argument("--method", default=None, help="arm to use (default: automatic)")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 = all)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0)
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", default=None, metavar="SCHEMA", help="output matches this JSON Schema "
+                       "(JSON text, or @FILE)")
+    shape.add_argument("--regex", default=None, help="output matches this regular expression")
+    shape.add_argument("--grammar", default=None, help="output matches this Lark grammar (text, or @FILE)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per result (text, method, tokens, "
+                   "acceptance...) instead of streaming text")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per method with --compare")
     _add_model_options(p)
     _add_server_options(p)
@@ -237,22 +292,31 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds for --server")
 
 
-def _generate_remote(args) -> int:
+def _generate_remote(args, constraint=None) -> int:
     from metaspec.protocol.client import Client, ServiceError
 
     if args.compare:
         print("error: --compare runs locally; drop --server", file=sys.stderr)
         return 2
-    final = None
+    final, text = None, []
     try:
         with Client(args.server, api_key=args.api_key, timeout_s=args.timeout) as client:
             for reply in client.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
-                                       seed=args.seed, method=args.method or ""):
-                print(reply.text, end="", flush=True)
+                                       top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed,
+                                       method=args.method or "", constraint=constraint):
+                text.append(reply.text)
+                if not args.json:
+                    print(reply.text, end="", flush=True)
                 final = reply if reply.finish_reason else final
     except ServiceError as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)
-        return 2
+        if not args.json:
+            print()
+        return _generate_error(args, exc)
+    if args.json:
+        fields = dataclasses.asdict(final) if final is not None else {}
+        fields.pop("token_ids", None)
+        print(json.dumps(fields | {"text": "".join(text)}), flush=True)
+        return 0
     print()
     if final is not None:
         t, a = final.timings, final.acceptance
@@ -275,6 +339,7 @@ def _serve(args) -> int:
         print(f"error: {path}: {exc}", file=sys.stderr)
         return 2
     opts = replace(opts, grpc_port=args.grpc_port, proxy_grpc_port=None) if args.grpc_port else opts
+    opts = replace(opts, http_port=args.http_port, proxy_http_port=None) if args.http_port else opts
     if not args.address and (missing := missing_checkpoints(cfg)):
         print(f"error: checkpoints not found: {', '.join(missing)} (run `metaspec train` or set the pool's "
               "target/drafter in the config)", file=sys.stderr)
@@ -306,6 +371,7 @@ def _add_serving_commands(sub) -> None:
     p = sub.add_parser("serve", help="start the gRPC service (Ray Serve) on a loopback Ray or a given cluster")
     p.add_argument("--config", default=None, help="Serve config YAML (default: the shipped deploy/metaspec.yaml)")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: the config's)")
+    p.add_argument("--http-port", type=int, default=None, help="OpenAI HTTP API port (default: the config's)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray on loopback)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: enough for the pools)")
     p.set_defaults(func=_serve)
