@@ -15,6 +15,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from metaspec.selector.rules import specs_from_registry
 from metaspec.workers.pearl import PearlConfig
 from metaspec.workers.store import RedisConfig, StoreConfig
 from metaspec.workers.worker import DecodeWorker, worker_config
@@ -45,7 +46,8 @@ class ServeOptions:
 
     grpc_port: int = 9000                    # the service's gRPC port (each node's proxy, or its Router replica)
     proxy_grpc_port: int | None = None       # direct ingress: the head node's fallback Serve proxy (None = +100)
-    http_port: int = 8000                    # Serve's HTTP proxy port (unused by metaspec; must be free)
+    http_port: int = 8000                    # the OpenAI HTTP API's port (each node's proxy, or its Router replica)
+    proxy_http_port: int | None = None       # direct ingress: the head node's fallback HTTP proxy (None = +100)
     http_host: str = "127.0.0.1"
     proxy_location: str = "EveryNode"        # a gRPC proxy on every node: no single ingress bottleneck
     max_message_bytes: int = 4 << 20         # gRPC messages above this get RESOURCE_EXHAUSTED at the ingress
@@ -67,14 +69,23 @@ class ServeOptions:
             return self.grpc_port
         return self.proxy_grpc_port if self.proxy_grpc_port is not None else self.grpc_port + 100
 
+    @property
+    def fallback_http_port(self) -> int:
+        """The HTTP port of Serve's proxy: the service's port, or with direct ingress the head's fallback proxy."""
+        if not self.direct_ingress:
+            return self.http_port
+        return self.proxy_http_port if self.proxy_http_port is not None else self.http_port + 100
+
     def serve_env(self) -> dict[str, str]:
         """Environment of the Serve controller and, by inheritance, its proxies and replicas. With direct ingress
-        the first Router replica of each node takes `grpc_port` (Serve gives ingress replicas ports from a range;
-        here the range starts at the service's port, so clients find it where the config says)."""
+        the first Router replica of each node takes `grpc_port` and `http_port` (Serve gives ingress replicas ports
+        from a range; here the range starts at the service's port, so clients find it where the config says)."""
         env = dict(self.controller_env) | {MAX_MESSAGE_ENV: str(self.max_message_bytes)}
         if self.direct_ingress:
             env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", str(self.grpc_port))
             env.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT", str(self.grpc_port + 99))
+            env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(self.http_port))
+            env.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(self.http_port + 99))
         return env
 
 
@@ -91,7 +102,7 @@ def build_application(cfg: AppConfig) -> Application:
     router = Router.options(num_replicas=r.num_replicas, max_ongoing_requests=r.max_ongoing_requests,
                             max_queued_requests=r.max_queued_requests, user_config=user_config(r),
                             **spread, **pinned)
-    return router.bind(r, cfg.pools, workers)
+    return router.bind(r, cfg.pools, workers, arms=specs_from_registry())   # the registry's table, as data
 
 
 def _worker(pool: PoolSpec) -> Application:
@@ -128,7 +139,7 @@ def start(cfg: AppConfig, opts: ServeOptions) -> None:
 
     serve.start(
         proxy_location=opts.proxy_location,
-        http_options={"host": opts.http_host, "port": opts.http_port},
+        http_options={"host": opts.http_host, "port": opts.fallback_http_port},
         grpc_options=gRPCOptions(port=opts.fallback_grpc_port, grpc_servicer_functions=[GRPC_SERVICER],
                                  request_timeout_s=opts.request_timeout_s),
         controller_options={"runtime_env": {"env_vars": opts.serve_env()}},
@@ -151,10 +162,13 @@ def load_serve_file(path: str | Path) -> tuple[AppConfig, ServeOptions]:
     defaults = ServeOptions()
     direct = str(env.get(DIRECT_INGRESS_ENV)) == "1"
     grpc_port = int(grpc.get("port", defaults.grpc_port))   # with direct ingress: the head's fallback proxy
+    http_port = int(http.get("port", defaults.http_port))   # (likewise)
     opts = ServeOptions(grpc_port=int(env.get("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", grpc_port - 100))
                         if direct else grpc_port,
                         proxy_grpc_port=grpc_port if direct else None,
-                        http_port=int(http.get("port", defaults.http_port)),
+                        http_port=int(env.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", http_port - 100))
+                        if direct else http_port,
+                        proxy_http_port=http_port if direct else None,
                         http_host=str(http.get("host", defaults.http_host)),
                         proxy_location=str(data.get("proxy_location", defaults.proxy_location)),
                         max_message_bytes=int(env.get(MAX_MESSAGE_ENV, defaults.max_message_bytes)),
@@ -209,7 +223,8 @@ def serve_until_interrupted(cfg: AppConfig, opts: ServeOptions, address: str | N
     try:
         start(cfg, opts)
         pools = ", ".join(f"{p.name} ({p.num_replicas}x{p.threads} threads)" for p in cfg.pools)
-        print(f"metaspec is serving gRPC on 127.0.0.1:{opts.grpc_port} — pools: {pools}", flush=True)
+        print(f"metaspec is serving gRPC on 127.0.0.1:{opts.grpc_port} and the OpenAI HTTP API on "
+              f"http://{opts.http_host}:{opts.http_port}/v1 — pools: {pools}", flush=True)
         print(f"try: metaspec generate --server 127.0.0.1:{opts.grpc_port} \"def fibonacci(n):\"  (Ctrl-C stops)",
               flush=True)
         while True:

@@ -96,6 +96,7 @@ class RouterSpec:
                                                 # pin routers to nodes that run a gRPC proxy)
     pool_watch_s: float = 1.0                   # how often the router asks Serve which pools have a running
                                                 # replica (pools without one get no requests; 0 = never ask)
+    served_model_name: str = "metaspec"         # the model id of the OpenAI HTTP API (GET /v1/models)
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,7 @@ class RouterModel(BaseModel):
     health_timeout_s: float = Field(default=5.0, gt=0)
     resources: dict[str, float] = Field(default_factory=dict)
     pool_watch_s: float = Field(default=1.0, ge=0)
+    served_model_name: str = Field(default="metaspec", min_length=1)
 
     @model_validator(mode="after")
     def _check(self) -> "RouterModel":

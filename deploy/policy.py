@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 from metaspec.protocol.types import GenerateCall
 from metaspec.selector.live import LiveConfig, LiveSelector
+from metaspec.selector.rules import DEFAULT_ARMS, ArmSpec
 from metaspec.selector.selector import SelectorConfig
 from metaspec.selector.types import Choice, PoolInfo
 from metaspec.workers.engine import Request
-from metaspec.workers.registry import arms
 from metaspec.workers.types import RequestError
 
 from .config import PoolSpec, RouterModel, RouterSpec
@@ -56,11 +56,13 @@ class FixedPolicy:
         raise RequestError(f"no pool can run any of {list(self.methods)}")
 
 
-def pick(policy: Policy, request: Request, pools: Sequence[PoolInfo]) -> Choice:
-    """The request's method override if it names one (reason "override"), else the policy's choice."""
+def pick(policy: Policy, request: Request, pools: Sequence[PoolInfo],
+         arms: Mapping[str, ArmSpec] = DEFAULT_ARMS) -> Choice:
+    """The request's method override if it names one (reason "override"), else the policy's choice. `arms`: the
+    registry's table (`selector.rules`)."""
     if request.method is None:
         return policy.choose(request, pools)
-    known = arms()
+    known = arms
     if request.method not in known:
         raise RequestError(f"unknown method {request.method!r}; known: {', '.join(sorted(known))}")
     able = [p for p in pools if request.method in p.methods]
@@ -100,7 +102,8 @@ def live_config(spec: RouterSpec) -> LiveConfig:
 
 
 def make_policy(spec: RouterSpec, pools: Sequence[PoolSpec], tokenizer=None,
-                ngram_hit_rate: Callable[[Sequence[int]], float] | None = None) -> Policy:
+                ngram_hit_rate: Callable[[Sequence[int]], float] | None = None,
+                arms: Mapping[str, ArmSpec] = DEFAULT_ARMS) -> Policy:
     """The fixed policy, or the learnt selector following its file (`LiveSelector`), with the pools' tokenizer
     for its prompt features and the shared n-gram table's tail hit rate (without one that feature is 0)."""
     if spec.selector == "fixed":
@@ -109,7 +112,7 @@ def make_policy(spec: RouterSpec, pools: Sequence[PoolSpec], tokenizer=None,
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(pools[0].tokenizer or pools[0].target)
-    return LiveSelector(live_config(spec), ngram_hit_rate=ngram_hit_rate, tokenizer=tokenizer, log=logger)
+    return LiveSelector(live_config(spec), arms, ngram_hit_rate=ngram_hit_rate, tokenizer=tokenizer, log=logger)
 
 
 def user_config(spec: RouterSpec) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""The Router: the Serve deployment behind the gRPC ingress. Methods are named after the RPCs of metaspec.proto.
+"""The Router: the Serve deployment behind both ingresses. gRPC methods are named after the RPCs of metaspec.proto;
+`__call__` answers the OpenAI-compatible HTTP API (deploy/openai_http.py) over the same path.
 
-Per request: protobuf -> GenerateCall (protocol.convert) -> checks -> (pool, method) from the policy -> the pool's
-DecodeWorker through a DeploymentHandle (streaming for GenerateStream) -> outcome fsync'ed to the outcome log ->
-final reply. Errors become gRPC status codes (see `status_of`); the router keeps serving after each.
+Per request: protobuf (or an OpenAI JSON body) -> GenerateCall -> `choose`: checks -> (pool, method) from the
+policy -> `run` / `stream`: the pool's DecodeWorker through a DeploymentHandle -> outcome fsync'ed to the outcome
+log -> final reply. Errors become gRPC status codes (`status.status_of`; HTTP maps them onto HTTP statuses); the
+router keeps serving after each.
 
 The learnt selector changes without a restart: `reconfigure` (Serve's user_config: `selector`, `explore`,
 `selector_check_s`) switches file or settings in place, and the selector re-reads its file by itself when the file
@@ -20,7 +22,7 @@ import hmac
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -33,27 +35,21 @@ from metaspec.protocol.client import API_KEY_HEADER
 from metaspec.protocol.types import (GenerateCall, Health, MethodInfo, PoolDescription, PoolHealth, Reply,
                                      ServiceInfo)
 from metaspec.selector.live import LiveSelector
+from metaspec.selector.rules import ArmSpec, specs_from_registry
 from metaspec.selector.types import Choice, Outcome, PoolInfo
 from metaspec.workers.engine import Chunk, Result
 from metaspec.workers.outcome_log import OutcomeLog, OutcomeLogConfig
-from metaspec.workers.types import RequestError
-from metaspec.workers.worker import WorkerInfo, registered_methods
+from metaspec.workers.worker import WorkerInfo
 
+from . import openai_http
 from .config import PoolSpec, RouterSpec
 from .metrics import ServiceMetrics
-from .pool_watch import PoolDown, PoolWatch
+from .pool_watch import PoolWatch
 from .policy import (FixedPolicy, NgramMirror, Policy, apply_user_config, check_call, live_config, make_policy,
                      mirror_pool, pick)
+from .status import Status, _replica_lost, status_of
 
 logger = logging.getLogger("ray.serve")
-
-
-class Status(Exception):
-    """A gRPC status to answer with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 def _local_handles(workers: dict[str, DeploymentHandle]) -> dict[str, DeploymentHandle]:
@@ -66,47 +62,13 @@ def _local_handles(workers: dict[str, DeploymentHandle]) -> dict[str, Deployment
         return dict(workers)
 
 
-def status_of(exc: BaseException) -> Status:
-    """Map an exception from checks or from a worker call to the status the client sees."""
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    if isinstance(exc, Status):
-        return exc
-    exc = _cause(exc)
-    if isinstance(exc, RequestError):
-        return Status(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    if isinstance(exc, PoolDown):
-        return Status(grpc.StatusCode.UNAVAILABLE, str(exc))
-    if isinstance(exc, BackPressureError):
-        return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "the pool's queue is full; retry later")
-    if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)):
-        return Status(grpc.StatusCode.UNAVAILABLE, f"the worker serving this request is unavailable: {type(exc).__name__}")
-    return Status(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
-
-
-def _replica_lost(exc: BaseException) -> bool:
-    """The worker replica died or became unreachable (as opposed to the request failing on it)."""
-    from ray.exceptions import ActorUnavailableError, RayActorError
-
-    return isinstance(exc, (RayActorError, ActorUnavailableError))
-
-
-def _cause(exc: BaseException) -> BaseException:
-    """The user exception inside a RayTaskError (whose str() is a whole remote traceback)."""
-    from ray.exceptions import RayTaskError
-
-    while isinstance(exc, RayTaskError) and exc.cause is not None and exc.cause is not exc:
-        exc = exc.cause
-    return exc
-
-
 @serve.deployment(name="Router", ray_actor_options={"num_cpus": 0})
 class Router:
     def __init__(self, spec: RouterSpec, pools: tuple[PoolSpec, ...], workers: dict[str, DeploymentHandle],
-                 policy: Policy | None = None) -> None:
+                 policy: Policy | None = None, arms: Mapping[str, ArmSpec] | None = None) -> None:
         self.spec = spec
         self.pools = {p.name: p for p in pools}
+        self.arms = dict(arms) if arms is not None else specs_from_registry()   # the app builder passes the table
         self.workers = _local_handles(workers)
         self.mirror: NgramMirror | None = None                   # these two: built once a learnt selector is used
         self.live: LiveSelector | None = None
@@ -118,6 +80,7 @@ class Router:
         self._inflight = {name: 0 for name in self.pools}
         self.watch = PoolWatch({n: h.deployment_name for n, h in workers.items()}, spec.pool_watch_s)
         self._key_hashes = tuple(spec.api_key_hashes)
+        self.chat_template = openai_http.ChatTemplate(pools[0].tokenizer or pools[0].target)
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve's in-place update of the user_config (`serve deploy` with a changed `user_config`): a new
@@ -134,7 +97,8 @@ class Router:
             pools = tuple(self.pools.values())
             pool = mirror_pool(pools)
             self.mirror = NgramMirror.for_pool(pool) if pool is not None else None
-            self.live = make_policy(spec, pools, ngram_hit_rate=self.mirror.hit_rate if self.mirror else None)
+            self.live = make_policy(spec, pools, ngram_hit_rate=self.mirror.hit_rate if self.mirror else None,
+                                    arms=self.arms)
         elif error := self.live.switch(live_config(spec)):
             logger.error("router reconfigure: %s", error)
         return self.live
@@ -148,66 +112,86 @@ class Router:
         t0 = time.perf_counter()
         try:
             call, choice, rid = await self._admit(msg, grpc_context)
+            reply = await self.run(call, choice, rid, t0)
         except Exception as exc:
             return self._refuse(grpc_context, status_of(exc))
-        request = dataclasses.replace(call.request, method=choice.method)
-        self._enter(choice.pool)
-        try:
-            result = await self._worker_generate(choice.pool, request, rid)
-        except asyncio.CancelledError:
-            await self._record(call, choice, rid, "CANCELLED", t0)
-            raise
-        except Exception as exc:
-            status = status_of(exc)
-            await self._record(call, choice, rid, status.code.name, t0)
-            return self._refuse(grpc_context, status, counted=True)
-        finally:
-            self._leave(choice.pool)
-        wall = time.perf_counter() - t0
-        ttft = (wall - result.wall_s) + result.ttft_s   # router overhead before the worker started + worker ttft
-        await self._record(call, choice, rid, "OK", t0, result, ttft)
-        return convert.reply_to_proto(final_reply(result, choice, rid, ttft, wall, whole=True))
+        return convert.reply_to_proto(reply)
 
     async def GenerateStream(self, msg: Any, grpc_context=None) -> AsyncIterator[Any]:
         t0 = time.perf_counter()
         try:
             call, choice, rid = await self._admit(msg, grpc_context)
+            async with aclosing(self.stream(call, choice, rid, t0)) as replies:
+                async for reply in replies:
+                    yield convert.reply_to_proto(reply)
         except Exception as exc:
             self._abort(grpc_context, status_of(exc))
+
+    async def __call__(self, request: Any) -> Any:
+        """Serve's HTTP ingress: the OpenAI-compatible API (deploy/openai_http.py) over the same path as gRPC."""
+        return await openai_http.handle(self, request)
+
+    # ---- serving a chosen request (both transports) --------------------------------------------------------
+    async def run(self, call: GenerateCall, choice: Choice, rid: str, t0: float,
+                  timeout_s: float | None = None) -> Reply:
+        """The whole answer; its outcome is on disk before it returns. Raises a (counted) Status on failure."""
         request = dataclasses.replace(call.request, method=choice.method)
         self._enter(choice.pool)
-        done = [False]   # set once the OK outcome is recorded
+        left = None if timeout_s is None else max(0.0, timeout_s - (time.perf_counter() - t0))
         try:
-            async with aclosing(self._worker_stream(choice.pool, request, rid)) as items:
-                async for reply in self._relay(items, call, choice, rid, t0, done):
-                    yield reply
+            async with asyncio.timeout(left):   # the deadline counts from the request's arrival (t0)
+                result = await self._worker_generate(choice.pool, request, rid)
+        except asyncio.CancelledError:
+            await self._record(call, choice, rid, "CANCELLED", t0)
+            raise
+        except Exception as exc:
+            raise await self._failed(call, choice, rid, t0, exc) from None
+        finally:
+            self._leave(choice.pool)
+        wall = time.perf_counter() - t0
+        ttft = (wall - result.wall_s) + result.ttft_s   # router overhead before the worker started + worker ttft
+        await self._record(call, choice, rid, "OK", t0, result, ttft)
+        return final_reply(result, choice, rid, ttft, wall, whole=True)
+
+    async def stream(self, call: GenerateCall, choice: Choice, rid: str, t0: float,
+                     timeout_s: float | None = None) -> AsyncIterator[Reply]:
+        """Chunk replies (the first carries the choice), then the final one, whose outcome is on disk before it
+        is yielded. Raises a (counted) Status on failure; closing it cancels the worker's request."""
+        request = dataclasses.replace(call.request, method=choice.method)
+        self._enter(choice.pool)
+        done, ttft = False, None
+        deadline = None if timeout_s is None else t0 + timeout_s
+        try:
+            async with aclosing(_until(self._worker_stream(choice.pool, request, rid), deadline)) as items:
+                async for item in items:
+                    if isinstance(item, Chunk):
+                        first = ttft is None
+                        ttft = time.perf_counter() - t0 if first else ttft
+                        yield chunk_reply(item, choice, rid, with_choice=first)
+                        continue
+                    wall = time.perf_counter() - t0
+                    done = True
+                    await self._record(call, choice, rid, "OK", t0, item, ttft or wall)
+                    yield final_reply(item, choice, rid, ttft or wall, wall, whole=False)
         except (asyncio.CancelledError, GeneratorExit):
-            if not done[0]:
+            if not done:
                 await self._record(call, choice, rid, "CANCELLED", t0)
             raise
         except Exception as exc:
-            status = status_of(exc)
-            await self._record(call, choice, rid, status.code.name, t0)
-            self._abort(grpc_context, status, counted=True)
+            raise await self._failed(call, choice, rid, t0, exc) from None
         finally:
             self._leave(choice.pool)
 
-    async def _relay(self, items: AsyncIterator[Chunk | Result], call: GenerateCall, choice: Choice, rid: str,
-                     t0: float, done: list[bool]) -> AsyncIterator[Any]:
-        """Worker items -> reply messages; the outcome is on disk before the final message goes out."""
-        ttft = None
-        async for item in items:
-            if isinstance(item, Chunk):
-                first = ttft is None
-                ttft = time.perf_counter() - t0 if first else ttft
-                yield convert.reply_to_proto(chunk_reply(item, choice, rid, with_choice=first))
-                continue
-            wall = time.perf_counter() - t0
-            done[0] = True
-            await self._record(call, choice, rid, "OK", t0, item, ttft or wall)
-            yield convert.reply_to_proto(final_reply(item, choice, rid, ttft or wall, wall, whole=False))
+    async def _failed(self, call: GenerateCall, choice: Choice, rid: str, t0: float, exc: BaseException) -> Status:
+        status = status_of(exc)
+        await self._record(call, choice, rid, status.code.name, t0)
+        status.counted = True                    # the outcome counted it: not a rejection before any choice
+        return status
 
     async def Health(self, msg: Any, grpc_context=None) -> Any:
+        return convert.health_to_proto(await self.health())
+
+    async def health(self) -> Health:
         async def one(name: str) -> PoolHealth:
             try:
                 await asyncio.wait_for(self.workers[name].ping.remote(), self.spec.health_timeout_s)
@@ -216,7 +200,7 @@ class Router:
                 return PoolHealth(name, False, f"{type(exc).__name__}: {exc}"[:500])
 
         pools = tuple(await asyncio.gather(*(one(n) for n in self.pools)))
-        return convert.health_to_proto(Health(all(p.ok for p in pools), pools))
+        return Health(all(p.ok for p in pools), pools)
 
     async def ListMethods(self, msg: Any, grpc_context=None) -> Any:
         try:
@@ -261,7 +245,7 @@ class Router:
                 raise
 
     async def service_info(self) -> ServiceInfo:
-        methods = tuple(MethodInfo(n, d, r) for n, (d, r) in registered_methods().items())
+        methods = tuple(MethodInfo(n, a.description, tuple(sorted(a.requires))) for n, a in sorted(self.arms.items()))
         infos = await self._pool_infos()
         pools = tuple(PoolDescription(p.name, infos[p.name].methods if p.name in infos else (),
                                       {k: str(v) for k, v in p.hardware.items()}, p.target, p.drafter or "",
@@ -273,9 +257,15 @@ class Router:
     async def _admit(self, msg: Any, grpc_context) -> tuple[GenerateCall, Choice, str]:
         """Authorize, convert, check and choose; raises what `status_of` maps."""
         self._authorize(grpc_context)
+        call = convert.call_from_proto(msg, self.spec.default_max_tokens)
+        choice, rid = await self.choose(call)
+        return call, choice, rid
+
+    async def choose(self, call: GenerateCall) -> tuple[Choice, str]:
+        """Check a converted call against the deployment's limits and pick (pool, method); returns the choice and
+        the request id. Raises what `status_of` maps."""
         if self.live is not None and self.policy is self.live:
             self.live.poll()                                # a stat at most every selector_check_s
-        call = convert.call_from_proto(msg, self.spec.default_max_tokens)
         check_call(call, self.spec.max_tokens_limit, self.spec.max_prompt_chars)
         infos = await self._pool_infos()
         self.watch.start()
@@ -286,9 +276,9 @@ class Router:
                 m in i.methods for i in infos.values()):
             raise Status(grpc.StatusCode.UNAVAILABLE, f"every pool that runs {m} is down; retry later")
         pools = [PoolInfo(n, i.methods, dict(self.pools[n].hardware), self._load(n)) for n, i in serving.items()]
-        choice = pick(self.policy, call.request, pools)
+        choice = pick(self.policy, call.request, pools, self.arms)
         self.metrics.chosen(choice)
-        return call, choice, call.request_id or uuid.uuid4().hex
+        return choice, call.request_id or uuid.uuid4().hex
 
     async def _pool_infos(self) -> dict[str, WorkerInfo]:
         """Each pool's WorkerInfo, asked once per pool (a pool that does not answer is asked again next time)."""
@@ -304,14 +294,17 @@ class Router:
         return {n: self._infos[n] for n in self.pools if n in self._infos}
 
     def _authorize(self, grpc_context) -> None:
+        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None and self._key_hashes else {}
+        self.check_key(metadata.get(API_KEY_HEADER), grpc_context.peer() if grpc_context is not None else "?",
+                       f"send it as `{API_KEY_HEADER}` metadata")
+
+    def check_key(self, key: str | None, peer: str, how: str) -> None:
+        """Raise UNAUTHENTICATED unless no keys are configured or `key` is one of them (`how`: where to put it)."""
         if not self._key_hashes:
             return
-        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
-        key = metadata.get(API_KEY_HEADER)
-        peer = grpc_context.peer() if grpc_context is not None else "?"
         if not key:
             logger.warning("refused a request without an API key from %s", peer)
-            raise Status(grpc.StatusCode.UNAUTHENTICATED, f"missing API key (send it as `{API_KEY_HEADER}` metadata)")
+            raise Status(grpc.StatusCode.UNAUTHENTICATED, f"missing API key ({how})")
         digest = hashlib.sha256(key.encode()).hexdigest()
         if not any(hmac.compare_digest(digest, h) for h in self._key_hashes):
             logger.warning("refused a request with an unknown API key from %s", peer)   # never the key itself
@@ -339,25 +332,44 @@ class Router:
             logger.error("outcome log append failed: %s", exc)
         self.metrics.finished(outcome)
 
-    def _refuse(self, grpc_context, status: Status, counted: bool = False, reply: Any = None) -> Any:
-        """Set the status on a unary call and return an empty reply."""
-        if not counted:
+    def refused(self, status: Status) -> Status:
+        """Count a refusal that no outcome recorded (bad input, auth, no pool...)."""
+        if not status.counted:
             self.metrics.rejected(status.code.name)
+            status.counted = True
+        return status
+
+    def _refuse(self, grpc_context, status: Status, reply: Any = None) -> Any:
+        """Set the status on a unary call and return an empty reply."""
+        self.refused(status)
         if grpc_context is not None:
             grpc_context.set_code(status.code)
             grpc_context.set_details(status.message)
         return reply if reply is not None else convert.reply_to_proto(Reply())
 
-    def _abort(self, grpc_context, status: Status, counted: bool = False) -> None:
+    def _abort(self, grpc_context, status: Status) -> None:
         """End a streaming call with a status: Serve carries a code set on the context along with the exception.
 
         The exception travels to the proxy by pickle, so it is a builtin one.
         """
-        self._refuse(grpc_context, status, counted)
+        self._refuse(grpc_context, status)
         raise RuntimeError(status.message)
 
 
 _EMPTY_INFO = ServiceInfo((), (), "", 0, 0)
+
+
+async def _until(items: AsyncIterator[Any], deadline: float | None) -> AsyncIterator[Any]:
+    """The items, each awaited at most until `deadline` (perf_counter; None = no limit): TimeoutError past it.
+    Closing this closes `items`."""
+    async with aclosing(items):
+        while True:
+            try:
+                wait = None if deadline is None else max(0.0, deadline - time.perf_counter())
+                item = await (anext(items) if wait is None else asyncio.wait_for(anext(items), wait))
+            except StopAsyncIteration:
+                return
+            yield item
 
 
 def chunk_reply(chunk: Chunk, choice: Choice, rid: str, with_choice: bool) -> Reply:

@@ -12,7 +12,8 @@ None. `allowed` runs them in order; AR is always allowed (it needs nothing but t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from .types import PoolInfo
@@ -20,34 +21,52 @@ from .types import PoolInfo
 
 @dataclass(frozen=True)
 class ArmSpec:
-    """What the router must know about an arm to rule on it (mirrors the workers' registry)."""
+    """What the router must know about an arm to rule on it, read from the workers' registry."""
 
-    requires: frozenset[str] = frozenset()    # resources the arm cannot run without ("drafter", "ngram_store"...)
+    requires: frozenset[str] = frozenset()    # resources the arm cannot run without ("drafter", "ngram_table"...)
     constraint_capable: bool = True           # may run under a grammar constraint (every arm, for now)
+    description: str = ""                     # the registry's one line (ListMethods, GET /v1/models)
 
 
-# The router does not import torch; this table mirrors `workers.registry` (see `specs_from_registry`).
-DEFAULT_ARMS: dict[str, ArmSpec] = {
-    "ar": ArmSpec(),
-    "pld": ArmSpec(),
-    "sps": ArmSpec(frozenset({"drafter"})),
-    "pearl": ArmSpec(frozenset({"drafter", "second_device"})),
-    "recycling": ArmSpec(),
-    "ngram_store": ArmSpec(),
-    "early_exit": ArmSpec(),
-}
+# What the rules add to the registry's requirements: where an arm should run, which no worker resource says.
+# (The worker can run PEARL's drafter on a core of its own device; the router sends it only where one is idle.)
+PLACEMENT_REQUIRES: dict[str, frozenset[str]] = {"pearl": frozenset({"second_device"})}
 ALWAYS_ALLOWED = "ar"
 
 
+def arm_specs(registered: Mapping[str, tuple[str, Iterable[str]]]) -> dict[str, ArmSpec]:
+    """The rules' table from `name -> (description, requires)`, the shape of `workers.worker.registered_methods()`.
+    Pure and torch-free: the router gets this table as data (deploy/app.py reads the registry when it builds).
+
+    >>> arm_specs({"sps": ("draft-model speculation", ("drafter",))})["sps"].requires
+    frozenset({'drafter'})
+    """
+    return {name: ArmSpec(frozenset(requires) | PLACEMENT_REQUIRES.get(name, frozenset()), description=description)
+            for name, (description, requires) in registered.items()}
+
+
+@functools.cache
 def specs_from_registry() -> dict[str, ArmSpec]:
-    """The arm table read from the workers' registry (imports torch); unknown extras keep DEFAULT_ARMS' view."""
+    """The arm table read from the workers' registry (imports torch: the app builder and offline tools only)."""
     from metaspec.workers.registry import arms
 
-    table = dict(DEFAULT_ARMS)
-    for name, arm in arms().items():
-        extra = DEFAULT_ARMS.get(name, ArmSpec()).requires
-        table[name] = ArmSpec(frozenset(arm.requires) | extra)
-    return table
+    return arm_specs({name: (arm.description, arm.requires) for name, arm in arms().items()})
+
+
+class _RegistryArms(Mapping[str, ArmSpec]):
+    """`specs_from_registry()`, read on first use: the default table of the selector and the rules."""
+
+    def __getitem__(self, name: str) -> ArmSpec:
+        return specs_from_registry()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(specs_from_registry())
+
+    def __len__(self) -> int:
+        return len(specs_from_registry())
+
+
+DEFAULT_ARMS: Mapping[str, ArmSpec] = _RegistryArms()   # no hand-kept copy: the registry is the one source
 
 
 Rule = Callable[[str, ArmSpec | None, PoolInfo, bool], "str | None"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from metaspec.selector.rules import DEFAULT_ARMS, ArmSpec, allowed, candidates, specs_from_registry
+from metaspec.selector.rules import (DEFAULT_ARMS, PLACEMENT_REQUIRES, ArmSpec, allowed, arm_specs, candidates,
+                                     specs_from_registry)
 from metaspec.selector.types import PoolInfo
 
 FULL = PoolInfo("gpu", ("ar", "sps", "pld", "pearl"), {"devices": 2, "resources": "drafter,ngram_store"})
@@ -14,7 +15,7 @@ OTHER_TOKENIZER = PoolInfo("mixed", ("ar", "sps", "pld"), {"tokenizer": "llama",
 SAME_TOKENIZER = PoolInfo("same", ("ar", "sps"), {"tokenizer": "bpe8k", "drafter_tokenizer": "bpe8k"})
 AR_ONLY = PoolInfo("bare", (), {})
 BUSY_SECOND = PoolInfo("busy", ("ar", "pearl"), {"devices": 2, "idle_devices": 0})
-NO_CONSTRAINT_ARMS = DEFAULT_ARMS | {"pld": ArmSpec(constraint_capable=False)}
+NO_CONSTRAINT_ARMS = dict(DEFAULT_ARMS) | {"pld": ArmSpec(constraint_capable=False)}
 
 CASES = [
     # pool, method, has_constraint, arms table, allowed, reason fragment
@@ -51,7 +52,26 @@ def test_candidates_always_include_ar_on_every_pool():
     assert set(refused) == {"cpu/pearl", "lean/sps"}
 
 
-def test_registry_arms_are_known_to_the_rules():
-    table = specs_from_registry()
-    assert {"ar", "sps", "pld"} <= set(table)
-    assert "drafter" in table["sps"].requires
+def test_the_rules_table_is_the_registry():
+    """Fails when the rules' view of an arm would disagree with the workers' registry: same arms, same
+    requirements (plus only the placement needs the rules add), same descriptions."""
+    from metaspec.workers.registry import arms
+
+    registry, table = arms(), specs_from_registry()
+    assert set(table) == set(registry) == set(DEFAULT_ARMS) and {"ar", "sps", "pld", "pearl"} <= set(table)
+    assert set(PLACEMENT_REQUIRES) <= set(registry)
+    for name, arm in registry.items():
+        assert table[name].requires == arm.requires | PLACEMENT_REQUIRES.get(name, frozenset()), name
+        assert DEFAULT_ARMS[name] == table[name] and table[name].description == arm.description, name
+    assert "drafter" in table["sps"].requires and "second_device" in table["pearl"].requires
+
+
+def test_the_router_gets_the_registry_table_as_data():
+    """The app builder reads the registry and binds the table into the Router (which never imports it), and the
+    workers' torch-free `registered_methods()` shape converts to the same table."""
+    from metaspec.deploy.app import build_app
+    from metaspec.workers.worker import registered_methods
+
+    app = build_app({"pools": [{"name": "p", "target": "/t", "drafter": ""}]})
+    assert app._bound_deployment.init_kwargs["arms"] == specs_from_registry()
+    assert arm_specs(registered_methods()) == specs_from_registry()
