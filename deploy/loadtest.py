@@ -122,7 +122,7 @@ def start_local(config_paths: Sequence[str], outcome_dir: str) -> tuple[str, lis
              include_dashboard=False, log_to_driver=False)
     port = free_port()
     start(cfgs[0], dataclasses.replace(loaded[0][1], grpc_port=port, http_port=free_port(), app_name=apps[0],
-                                      proxy_grpc_port=free_port()))
+                                      proxy_grpc_port=free_port(), proxy_http_port=free_port()))
     for cfg, app in zip(cfgs[1:], apps[1:]):
         serve.run(build_application(cfg), name=app, route_prefix=f"/{app}", blocking=False)
     address = f"127.0.0.1:{port}"
