@@ -13,6 +13,11 @@ Redis layout of one namespace `metaspec:tables:v{SCHEMA_VERSION}:{fingerprint}` 
   :adjacency:k{k} hash   packed [token] -> [k next tokens] (-1 = empty), at most vocab_size fields
   :feed           stream one entry per push {t: table, w: worker, k: packed keys}, ~feed_max_entries long
   :meta           hash   epoch: a random id, new whenever the namespace is recreated
+Nothing read from Redis is unpickled or evaluated: values are size-checked (max_value_bytes, max_feed_entry_bytes)
+before they are unpacked, counts saturate at INT32_MAX, and a malformed key, row or feed entry is skipped and
+counted (`stats()["ngram"]["malformed"]`, `["adjacency"]["malformed"]`, `["redis"]["skipped_feed_entries"]`);
+a wrong-typed key is deleted (`["redis"]["repaired_keys"]`); push and pull fail independently
+(`["redis"]["step_errors"]`); Redis >= 5 is required (`["redis"]["refused"]` says why not), 6 works.
 Every key expires after ttl_s without writes. Memory bound with the defaults (measured, 100k contexts of Zipf
 text): Redis 7.5 MB n-gram hash + 11 MB LRU index (~190 B per context), adjacency 0.7 MB for 8192 rows, feed
 <= 2,000 entries (2.1 MB there); each worker's local copy ~680 B per context including unpushed deltas (68 MB).

@@ -34,7 +34,8 @@ class AdjacencyTable:
         self.pending: set[int] = set()
         self.lock = threading.Lock()
         self.request_sync: Callable[[], None] = _no_sync  # set by SharedTables: wakes the background syncer
-        self.counters = dict(lookups=0, hits=0, drafted=0, accepted=0, updates=0, pushed=0, pulled=0)
+        self.counters = dict(lookups=0, hits=0, drafted=0, accepted=0, updates=0, pushed=0, pulled=0,
+                             malformed=0)   # malformed: keys / rows read from Redis that were skipped
 
     def next_tokens(self, token: int) -> list[int]:
         """The target's most likely next tokens after `token`, best first (empty if never seen)."""
@@ -89,8 +90,8 @@ class AdjacencyTable:
         self.counters["pushed"] += len(tokens)
         return len(tokens)
 
-    def feed_keys(self, data: bytes) -> list[int]:
-        return [t for t in unpack(data) if 0 <= t < self.vocab_size]
+    def feed_keys(self, data: bytes, cfg: StoreConfig) -> list[int]:
+        return [t for t in unpack(data, cfg.max_feed_entry_bytes) if 0 <= t < self.vocab_size]
 
     def pull_keys(self, r, keys: Keys, cfg: StoreConfig, tokens: list[int]) -> None:
         for lo in range(0, len(tokens), cfg.batch_keys):
@@ -99,22 +100,36 @@ class AdjacencyTable:
             self._apply(zip(batch, remote))
 
     def pull_all(self, r, keys: Keys, cfg: StoreConfig) -> None:
-        rows = [(_token(f), data) for f, data in r.hscan_iter(keys.adjacency(self.k), count=cfg.batch_keys)]
-        self._apply(rows)  # fetched first: the lock is never held across a network call
+        buffer = []   # applied in batches: the lock is never held across a network call, memory stays bounded
+        for f, data in r.hscan_iter(keys.adjacency(self.k), count=cfg.batch_keys):
+            buffer.append((_token(f), data))
+            if len(buffer) >= cfg.batch_keys:
+                self._apply(buffer)
+                buffer = []
+        self._apply(buffer)
 
     def _apply(self, rows: Iterable[tuple[int, bytes | None]]) -> None:
-        """Remote rows replace local ones, except rows changed here and not yet pushed (ours are newer)."""
-        n = 0
+        """Remote rows replace local ones, except rows changed here and not yet pushed (ours are newer).
+
+        A row must be exactly k int32 (checked before it is unpacked) of tokens in [-1, vocab); anything else is
+        skipped and counted.
+        """
+        n, bad, size = 0, 0, 4 * self.k
         with self.lock:
             for token, data in rows:
-                arr = unpack(data)
-                if not 0 <= token < self.vocab_size or token in self.pending or len(arr) != self.k:
+                if data is None:
                     continue
-                if any(not -1 <= t < self.vocab_size for t in arr):
+                arr = unpack(data) if isinstance(data, bytes) and len(data) == size else []
+                if not 0 <= token < self.vocab_size or len(arr) != self.k or \
+                        any(not -1 <= t < self.vocab_size for t in arr):
+                    bad += 1
+                    continue
+                if token in self.pending:
                     continue
                 self.rows[token] = [t for t in arr if t >= 0]
                 n += 1
         self.counters["pulled"] += n
+        self.counters["malformed"] += bad
 
     def stats(self) -> dict:
         c = dict(self.counters)
@@ -122,7 +137,7 @@ class AdjacencyTable:
 
 
 def _token(field: bytes) -> int:
-    ids = unpack(field)
+    ids = unpack(field, 4)
     return ids[0] if len(ids) == 1 else -1
 
 

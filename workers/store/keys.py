@@ -1,7 +1,8 @@
 """Naming and encoding of the shared tables in Redis: config, fingerprint namespace, packed int32 arrays.
 
-Every value is a little-endian int32 array (`pack`/`unpack`); nothing is pickled or evaluated, and a value
-that does not decode to a valid row is dropped, never trusted.
+Every value is a little-endian int32 array (`pack`/`unpack`); nothing is pickled or evaluated, a value is
+size-checked before it is unpacked, and a value that does not decode to a valid row is skipped (and counted),
+never trusted. Counts saturate at INT32_MAX instead of overflowing the 32-bit encoding.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 SCHEMA_VERSION = 1  # bump when a key's layout or a value's encoding changes
+INT32_MAX = 2**31 - 1
+MIN_REDIS_VERSION = (5, 0)  # streams (XADD/XREAD/XINFO) and ZPOPMIN; 6.x lacks XINFO's entries-added (handled)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class RedisConfig:
     timeout_s: float = 2.0                       # per-command socket limit in the background syncer
     backoff_initial_s: float = 0.5               # first retry delay after a failure (doubles each failure)
     backoff_max_s: float = 30.0                  # retry delay ceiling
+    retries: int = 1                             # redis-py Retry: a command that finds its pooled connection
+                                                 # dropped (server restarted) reconnects and runs again this
+                                                 # many times before the round counts as failed
 
     def __post_init__(self) -> None:
         if self.url is not None and not self.url.startswith(("redis://", "rediss://", "unix://")):
@@ -100,9 +106,14 @@ class StoreConfig:
     feed_max_entries: int = 2_000   # Redis change feed length (approximate trim); a worker further behind resyncs
     batch_keys: int = 2_000         # keys per pipelined round trip
     ttl_s: int = 14 * 86_400        # a namespace untouched this long expires (old models clean themselves up)
+    max_value_bytes: int = 8_192    # a row or key read from Redis larger than this is skipped unread (rows are
+                                    # 8 B per continuation, keys 4 B per token: 64 B with the defaults)
+    max_feed_entry_bytes: int = 1 << 20  # a feed entry's key list larger than this is skipped (40 KB per
+                                         # 2,000-context push)
 
     def __post_init__(self) -> None:
-        if self.adjacency_k < 1 or self.batch_keys < 1 or self.feed_max_entries < 1 or self.ttl_s < 1:
+        if self.adjacency_k < 1 or self.batch_keys < 1 or self.feed_max_entries < 1 or self.ttl_s < 1 or \
+                self.max_value_bytes < 8 or self.max_feed_entry_bytes < 8:
             raise ValueError(f"invalid StoreConfig {self}")
 
 
@@ -114,11 +125,19 @@ def pack(values) -> bytes:
     return struct.pack(f"<{len(values)}i", *values)
 
 
-def unpack(data: bytes | None) -> list[int]:
-    """Inverse of `pack`; [] for None or a length that is not a multiple of 4 (never a guess)."""
-    if not data or len(data) % 4:
+def unpack(data: bytes | None, max_bytes: int | None = None) -> list[int]:
+    """Inverse of `pack`; [] for None, a non-bytes value, a length that is not a multiple of 4 or one above
+    `max_bytes` (checked before anything is unpacked; never a guess)."""
+    if not isinstance(data, (bytes, bytearray, memoryview)) or not data or len(data) % 4:
+        return []
+    if max_bytes is not None and len(data) > max_bytes:
         return []
     return list(struct.unpack(f"<{len(data) // 4}i", data))
+
+
+def saturating_add(a: int, b: int) -> int:
+    """a + b, held at INT32_MAX: a count that would overflow the int32 encoding stays at the top."""
+    return min(INT32_MAX, a + b)
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .counters import lookup_rates, record_lookup
-from .keys import Keys, NgramConfig, StoreConfig, pack, unpack
+from .keys import INT32_MAX, Keys, NgramConfig, StoreConfig, pack, saturating_add, unpack
 
 Context = tuple[int, ...]
 
@@ -33,12 +33,12 @@ def add_count(row: list[int], token: int, count: int, cap: int) -> None:
     """
     for i in range(0, len(row), 2):
         if row[i] == token:
-            row[i + 1] += count
+            row[i + 1] = saturating_add(row[i + 1], count)
             break
     else:
         if len(row) >= 2 * cap:
             del row[-2:]
-        row += [token, count]
+        row += [token, min(count, INT32_MAX)]
         i = len(row) - 2
     while i >= 2 and row[i + 1] > row[i - 1]:  # bubble up: keep counts descending
         row[i - 2: i + 2] = row[i: i + 2] + row[i - 2: i]
@@ -46,23 +46,25 @@ def add_count(row: list[int], token: int, count: int, cap: int) -> None:
 
 
 def merge_rows(base: list[int], delta: dict[int, int] | None, cap: int) -> list[int]:
-    """base (flat sorted row) + delta counts: the `cap` highest totals, ties in base-then-delta order."""
+    """base (flat sorted row) + delta counts: the `cap` highest totals (saturating at INT32_MAX), ties in
+    base-then-delta order."""
     if not delta:
         return list(base)
     totals = dict(zip(base[0::2], base[1::2]))
     for token, count in delta.items():
-        totals[token] = totals.get(token, 0) + count
+        totals[token] = saturating_add(totals.get(token, 0), count)
     top = sorted(totals.items(), key=lambda tc: -tc[1])[:cap]   # stable sort keeps first-seen order on ties
     return [x for pair in top for x in pair]
 
 
-def row_from_bytes(data: bytes | None, vocab_size: int, cap: int) -> list[int] | None:
-    """Decode a packed row; None when it is not a well-formed row (odd length, bad token, count <= 0)."""
-    arr = unpack(data)
+def row_from_bytes(data: bytes | None, vocab_size: int, cap: int, max_bytes: int | None = None) -> list[int] | None:
+    """Decode a packed row; None when it is not a well-formed row (too large, odd length, bad or repeated token,
+    count <= 0). The size is checked before anything is unpacked."""
+    arr = unpack(data, max_bytes)
     if not arr or len(arr) % 2:
         return None
     tokens, counts = arr[0::2], arr[1::2]
-    if min(tokens) < 0 or max(tokens) >= vocab_size or min(counts) <= 0:
+    if min(tokens) < 0 or max(tokens) >= vocab_size or min(counts) <= 0 or len(set(tokens)) != len(tokens):
         return None
     if len(tokens) <= cap and all(a >= b for a, b in zip(counts, counts[1:])):
         return arr
@@ -75,8 +77,9 @@ def pack_contexts(contexts: Iterable[Context]) -> bytes:
     return pack([x for ctx in contexts for x in (len(ctx), *ctx)])
 
 
-def unpack_contexts(data: bytes, max_order: int) -> list[Context]:
-    arr, out, i = unpack(data), [], 0
+def unpack_contexts(data: bytes, max_order: int, max_bytes: int | None = None) -> list[Context]:
+    """Inverse of `pack_contexts`; stops at the first malformed context ([] for an oversized list)."""
+    arr, out, i = unpack(data, max_bytes), [], 0
     while i < len(arr):
         n = arr[i]
         if not 1 <= n <= max_order or i + 1 + n > len(arr):
@@ -103,7 +106,8 @@ class NgramTable:
         self.pending: dict[Context, dict[int, int]] = {}             # counts not yet in Redis
         self.lock = threading.Lock()
         self.request_sync: Callable[[], None] = _no_sync  # set by SharedTables: wakes the background syncer
-        self.counters = dict(lookups=0, hits=0, drafted=0, accepted=0, learned_tokens=0, pushed=0, pulled=0)
+        self.counters = dict(lookups=0, hits=0, drafted=0, accepted=0, learned_tokens=0, pushed=0, pulled=0,
+                             malformed=0)   # malformed: keys / rows read from Redis that were skipped
 
     # -- hot path (request thread) -------------------------------------------------------------------
     def continuations(self, seq: list[int] | tuple[int, ...], backoff: bool = False) -> list[int]:
@@ -201,8 +205,8 @@ class NgramTable:
         cap = self.cfg.max_continuations
         fields = [pack(ctx) for ctx, _ in batch]
         remote = r.hmget(keys.ngram, fields)
-        merged = {f: merge_rows(row_from_bytes(data, self.vocab_size, cap) or [], delta, cap)
-                  for f, data, (_, delta) in zip(fields, remote, batch)}
+        rows = self._decode(remote, cfg)        # a malformed remote row is overwritten by ours (and counted)
+        merged = {f: merge_rows(row or [], delta, cap) for f, row, (_, delta) in zip(fields, rows, batch)}
         pipe = r.pipeline(transaction=True)
         pipe.hset(keys.ngram, mapping={f: pack(row) for f, row in merged.items()})
         pipe.zadd(keys.ngram_lru, dict.fromkeys(fields, time.time()))
@@ -215,42 +219,57 @@ class NgramTable:
         self._apply(((ctx, row) for (ctx, _), row in zip(batch, merged.values())), count=False)
         return size
 
-    def feed_keys(self, data: bytes) -> list[Context]:
-        return unpack_contexts(data, self.cfg.max_order)
+    def feed_keys(self, data: bytes, cfg: StoreConfig) -> list[Context]:
+        return unpack_contexts(data, self.cfg.max_order, cfg.max_feed_entry_bytes)
 
     def pull_keys(self, r, keys: Keys, cfg: StoreConfig, contexts: list[Context]) -> None:
-        cap = self.cfg.max_continuations
         for lo in range(0, len(contexts), cfg.batch_keys):
             batch = contexts[lo: lo + cfg.batch_keys]
             remote = r.hmget(keys.ngram, [pack(ctx) for ctx in batch])
-            self._apply([(ctx, row_from_bytes(data, self.vocab_size, cap)) for ctx, data in zip(batch, remote)])
+            self._apply(zip(batch, self._decode(remote, cfg)))
 
     def pull_all(self, r, keys: Keys, cfg: StoreConfig) -> None:
-        cap, order, buffer = self.cfg.max_continuations, self.cfg.max_order, []
+        order, buffer, bad = self.cfg.max_order, [], 0
         for field_, data in r.hscan_iter(keys.ngram, count=cfg.batch_keys):
-            ctx = tuple(unpack(field_))
-            if 1 <= len(ctx) <= order:
-                buffer.append((ctx, row_from_bytes(data, self.vocab_size, cap)))
+            ctx = tuple(unpack(field_, 4 * order))
+            if not 1 <= len(ctx) <= order:
+                bad += 1
+                continue
+            buffer.append((ctx, data))
             if len(buffer) >= cfg.batch_keys:
-                self._apply(buffer)
+                self._apply(zip([c for c, _ in buffer], self._decode([d for _, d in buffer], cfg)))
                 buffer = []
-        self._apply(buffer)
+        self._apply(zip([c for c, _ in buffer], self._decode([d for _, d in buffer], cfg)))
+        self.counters["malformed"] += bad
+
+    def _decode(self, values: list, cfg: StoreConfig) -> list[list[int] | None]:
+        """Rows of fetched values (None: absent or malformed; malformed ones are counted)."""
+        cap, out = self.cfg.max_continuations, []
+        for data in values:
+            row = row_from_bytes(data, self.vocab_size, cap, cfg.max_value_bytes)
+            self.counters["malformed"] += data is not None and row is None
+            out.append(row)
+        return out
 
     def _apply(self, rows: Iterable[tuple[Context, list[int] | None]], count: bool = True) -> None:
         """Remote rows replace local ones (plus any delta learned since); malformed rows are skipped.
 
         Callers pass rows already fetched and decoded: the lock is never held across a network call.
         """
-        cap, n = self.cfg.max_continuations, 0
+        cap, n, bad = self.cfg.max_continuations, 0, 0
         with self.lock:
             for ctx, row in rows:
-                if row is None or any(not 0 <= t < self.vocab_size for t in ctx):
+                if row is None:
+                    continue
+                if any(not 0 <= t < self.vocab_size for t in ctx):
+                    bad += 1
                     continue
                 self.rows[ctx] = merge_rows(row, self.pending.get(ctx), cap)
                 self.rows.move_to_end(ctx)
                 n += 1
             self._bound()
         self.counters["pulled"] += n if count else 0
+        self.counters["malformed"] += bad
 
     def stats(self) -> dict:
         c = dict(self.counters)

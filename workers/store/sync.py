@@ -4,6 +4,12 @@ A decode step never touches Redis: lookups and learning use the local copy, and 
 start and every `sync_interval_s`) pushes with pipelined writes and pulls other workers' changes. Redis down at
 start or killed mid-run: tables keep working locally, deltas stay pending (bounded), the link retries with
 exponential backoff and, when the server comes back empty, re-seeds it from the local copy.
+
+Hostile contents: each step of a round (epoch, each table's push, the pull) fails on its own, so a push that
+Redis refuses does not stop the pull and the other way round; a key of the wrong type in the namespace is deleted
+(counted in `repaired_keys`) so sharing resumes; a malformed row, key or feed entry is skipped and counted by
+its table. Redis 5 and 6 work (6 lacks XINFO's `entries-added`: a trimmed feed then always means a full pull);
+older servers are refused at the first connection with a logged error, and the tables stay local.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import threading
 import time
 import uuid
 
-from .keys import Keys, RedisConfig, StoreConfig
+from .keys import MIN_REDIS_VERSION, Keys, RedisConfig, StoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +31,7 @@ def connection_kwargs(cfg: RedisConfig) -> dict:
     >>> kw["connection_class"].__name__, kw["host"], kw["ssl_ca_certs"], kw["ssl_cert_reqs"]
     ('SSLConnection', 'cache', '/etc/ca.pem', 'required')
     """
-    from redis.backoff import NoBackoff
+    from redis.backoff import ExponentialBackoff
     from redis.connection import parse_url
     from redis.retry import Retry
 
@@ -37,12 +43,15 @@ def connection_kwargs(cfg: RedisConfig) -> dict:
     if cfg.uses_tls:
         kwargs |= {"ssl_cert_reqs": "required", "ssl_check_hostname": cfg.tls_check_hostname,
                    "ssl_ca_certs": cfg.tls_ca_file, "ssl_certfile": cfg.tls_cert_file, "ssl_keyfile": cfg.tls_key_file}
+    # Retry: a pooled connection the server dropped (restart) reconnects and the command runs again; anything
+    # longer is the link's backoff, so the hot path never waits
+    retry = Retry(ExponentialBackoff(cap=cfg.connect_timeout_s, base=0.05), cfg.retries)
     return kwargs | {"socket_connect_timeout": cfg.connect_timeout_s, "socket_timeout": cfg.timeout_s,
-                     "retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
+                     "retry": retry, "health_check_interval": 0}
 
 
 def make_client(cfg: RedisConfig):
-    """A redis-py client with short timeouts and no internal retries (the link owns the retry policy)."""
+    """A redis-py client with short timeouts and `cfg.retries` reconnecting retries (the link owns backoff)."""
     import redis
 
     return redis.Redis(connection_pool=redis.ConnectionPool(**connection_kwargs(cfg)))
@@ -58,9 +67,11 @@ class RedisLink:
         self.retry_at = 0.0
         self.backoff_s = cfg.backoff_initial_s
         self.errors, self.last_error = 0, ""
+        self.refused: str | None = None   # why this server is not used at all (too old); None = it is fine
+        self._checked = False
 
     def client(self):
-        if self.cfg.url is None or time.monotonic() < self.retry_at:
+        if self.cfg.url is None or self.refused or time.monotonic() < self.retry_at:
             return None
         if self._client is None:
             self._client = make_client(self.cfg)
@@ -68,6 +79,26 @@ class RedisLink:
 
     def succeeded(self) -> None:
         self.connected, self.backoff_s = True, self.cfg.backoff_initial_s
+
+    def check_version(self, r) -> bool:
+        """Once per link: False (and `refused` set, logged) when the server is older than MIN_REDIS_VERSION."""
+        import redis
+
+        if self._checked:
+            return True
+        try:
+            version = str(r.info("server").get("redis_version", "0"))
+        except redis.ResponseError:   # INFO not allowed for this ACL user: the first round will tell
+            self._checked = True
+            return True
+        parts = tuple(int(x) if x.isdigit() else 0 for x in version.split(".")[:2])
+        self._checked = True
+        if parts < MIN_REDIS_VERSION:
+            self.refused = (f"Redis {version} is too old for the shared tables (they need Redis "
+                            f">= {'.'.join(map(str, MIN_REDIS_VERSION))}: streams); serving from local tables only")
+            log.error("shared tables: %s", self.refused)
+            return False
+        return True
 
     def failed(self, exc: BaseException) -> None:
         if self.connected or not self.errors:
@@ -93,12 +124,26 @@ def _feed_gap(info: dict | None, last_id: bytes, ordinal: int | None) -> bool:
 
     Trimming removes the oldest entries; if the oldest kept entry is newer than last_id, the feed has lost
     some entry after it unless every entry added since is still there (entries-added - ordinal <= length).
+    Without entries-added (Redis 6) that cannot be told, so it counts as a gap.
     """
     if info is None or not info.get("first-entry"):
         return False
     if _stream_id(info["first-entry"][0]) <= _stream_id(last_id):
         return False
-    return ordinal is None or info["entries-added"] - ordinal > info["length"]
+    added = info.get("entries-added")
+    return ordinal is None or added is None or added - ordinal > info["length"]
+
+
+# what each key of a namespace must be; anything else there is deleted so that sharing resumes
+_KEY_TYPES = {"meta": b"hash", "feed": b"stream", "ngram": b"hash", "ngram_lru": b"zset", "adjacency": b"hash"}
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A network or server-availability failure (back off), as opposed to a refusal of one step's data."""
+    import redis
+
+    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith(("LOADING", "BUSY", "MASTERDOWN")))
 
 
 class Syncer:
@@ -111,6 +156,10 @@ class Syncer:
         self.last_id: bytes | None = None     # last feed entry applied (None = full pull needed)
         self.ordinal: int | None = None       # the feed's entries-added count at last_id, when known
         self.syncs = 0
+        self.step_errors: dict[str, int] = {}  # failed steps by name (epoch, push:<table>, pull)
+        self.last_step_error = ""
+        self.repaired_keys = 0                # wrong-typed keys deleted from the namespace
+        self.skipped_feed_entries = 0         # feed entries that are not ours to read (foreign, malformed)
         self._lock = threading.Lock()         # one sync at a time (background thread or flush)
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread = None
@@ -130,9 +179,10 @@ class Syncer:
                 self.sync()
 
     def sync(self, force: bool = False) -> bool:
-        """One push + pull round; False if Redis is unavailable (the error is recorded, nothing raises).
+        """One push + pull round; False if Redis is unavailable or a step failed (recorded, nothing raises).
 
-        `force` tries now even while backing off (flush at shutdown, tests).
+        `force` tries now even while backing off (flush at shutdown, tests). Each step (epoch, every table's push,
+        the pull) fails on its own; a connection failure ends the round and backs off.
         """
         with self._lock:
             if force:
@@ -140,17 +190,56 @@ class Syncer:
             r = self.link.client()
             if r is None:
                 return False
+            steps = [("epoch", self._check_epoch)]
+            steps += [(f"push:{name}", self._pusher(table)) for name, table in self.tables.items()]
+            steps += [("pull", self._pull)]
+            ok = True
             try:
-                self._check_epoch(r)
-                for table in self.tables.values():
-                    table.push(r, self.keys, self.cfg, self.worker)
-                self._pull(r)
+                if not self.link.check_version(r):
+                    return False
+                for name, step in steps:
+                    ok &= self._step(r, name, step)
             except Exception as exc:  # any Redis/socket failure: keep serving locally, retry later
                 self.link.failed(exc)
                 return False
             self.link.succeeded()
             self.syncs += 1
+            return ok
+
+    def _pusher(self, table):
+        return lambda r: table.push(r, self.keys, self.cfg, self.worker)
+
+    def _step(self, r, name: str, step) -> bool:
+        """Run one step; a transient failure propagates (ends the round), any other is counted and repaired."""
+        try:
+            step(r)
             return True
+        except Exception as exc:  # noqa: BLE001 - hostile contents must never stop the other steps
+            if _is_transient(exc):
+                raise
+            self.step_errors[name] = self.step_errors.get(name, 0) + 1
+            self.last_step_error = f"{name}: {type(exc).__name__}: {exc}"
+            log.warning("shared tables: %s failed (%s); the other steps go on", name, exc)
+            if "WRONGTYPE" in str(exc):
+                self._repair(r)
+            return False
+
+    def _repair(self, r) -> None:
+        """Delete keys of this namespace that hold the wrong type (written by something else); they are rebuilt."""
+        names = {"meta": self.keys.meta, "feed": self.keys.feed, "ngram": self.keys.ngram,
+                 "ngram_lru": self.keys.ngram_lru, "adjacency": self.keys.adjacency(self.cfg.adjacency_k)}
+        pipe = r.pipeline(transaction=False)
+        for key in names.values():
+            pipe.type(key)
+        kinds = pipe.execute()
+        wrong = [key for (role, key), kind in zip(names.items(), kinds) if kind not in (b"none", _KEY_TYPES[role])]
+        if wrong:
+            log.warning("shared tables: deleting %s (wrong type for the namespace)", ", ".join(wrong))
+            r.delete(*wrong)
+            self.repaired_keys += len(wrong)
+            for table in self.tables.values():
+                table.mark_all_dirty()
+            self.last_id = None
 
     def _check_epoch(self, r) -> None:
         """A namespace that vanished (server restarted empty, flushed, expired) gets our local rows back."""
@@ -171,27 +260,44 @@ class Syncer:
         if self.last_id is not None and _feed_gap(info, self.last_id, self.ordinal):
             self.last_id = None
         if self.last_id is None:  # remember where the feed stands, then read everything
-            self.last_id = info["last-generated-id"] if info else b"0-0"
-            self.ordinal = info["entries-added"] if info else 0
-            for table in self.tables.values():
-                table.pull_all(r, self.keys, self.cfg)
+            self._pull_all(r, info, self.tables.values())
             return
-        changed: dict[str, set] = {name: set() for name in self.tables}
-        while True:
-            batch = r.xread({self.keys.feed: self.last_id}, count=self.cfg.batch_keys)
-            entries = batch[0][1] if batch else []
-            for entry_id, fields in entries:
-                self.last_id = entry_id
-                table = self.tables.get(fields.get(b"t", b"").decode())
-                if table is not None and fields.get(b"w", b"").decode() != self.worker:
-                    changed[table.name].update(table.feed_keys(fields.get(b"k", b"")))
-            if len(entries) < self.cfg.batch_keys:
-                break
+        changed, complete = self._read_feed(r)
+        if not complete:          # more entries than a feed holds, or more keys than a table: read everything
+            self._pull_all(r, info, self.tables.values())
+            return
         for name, keys in changed.items():
             if keys:
                 self.tables[name].pull_keys(r, self.keys, self.cfg, sorted(keys))
         last_generated = info["last-generated-id"] if info else b"0-0"
-        self.ordinal = (info["entries-added"] if info else 0) if self.last_id == last_generated else None
+        self.ordinal = (info.get("entries-added") if info else 0) if self.last_id == last_generated else None
+
+    def _pull_all(self, r, info: dict | None, tables) -> None:
+        self.last_id = info["last-generated-id"] if info else b"0-0"
+        self.ordinal = info.get("entries-added") if info else 0
+        for table in tables:
+            table.pull_all(r, self.keys, self.cfg)
+
+    def _read_feed(self, r) -> tuple[dict[str, set], bool]:
+        """Keys other workers changed since last_id, per table; False when the feed holds more than it should."""
+        names = {name.encode(): name for name in self.tables}
+        changed: dict[str, set] = {name: set() for name in self.tables}
+        limit, read = self.cfg.feed_max_entries + self.cfg.batch_keys, 0
+        while read <= limit:
+            batch = r.xread({self.keys.feed: self.last_id}, count=self.cfg.batch_keys)
+            entries = batch[0][1] if batch else []
+            for entry_id, fields in entries:
+                self.last_id = entry_id
+                name, data = names.get(fields.get(b"t")), fields.get(b"k")
+                if name is None or not isinstance(data, bytes):
+                    self.skipped_feed_entries += 1
+                elif fields.get(b"w") != self.worker.encode():
+                    changed[name].update(self.tables[name].feed_keys(data, self.cfg))
+            read += len(entries)
+            if len(entries) < self.cfg.batch_keys:
+                break
+        too_many = any(len(keys) > self.cfg.ngram.max_contexts for keys in changed.values())
+        return changed, read <= limit and not too_many
 
     def _feed_info(self, r) -> dict | None:
         import redis
@@ -215,4 +321,6 @@ class Syncer:
     def stats(self) -> dict:
         link = self.link
         return {"url_configured": self.cfg.redis.url is not None, "connected": link.connected, "syncs": self.syncs,
-                "errors": link.errors, "last_error": link.last_error, "backoff_s": link.backoff_s}
+                "errors": link.errors, "last_error": link.last_error, "backoff_s": link.backoff_s,
+                "refused": link.refused, "step_errors": dict(self.step_errors), "last_step_error": self.last_step_error,
+                "repaired_keys": self.repaired_keys, "skipped_feed_entries": self.skipped_feed_entries}
