@@ -213,6 +213,20 @@ def test_wrong_typed_keys_are_repaired_and_sharing_resumes(server, fp):
         t.close()
 
 
+def test_a_foreign_epoch_is_replaced_and_everyone_reseeds(server, fp):
+    a, b = tables(server.url, fp), tables(server.url, fp)
+    learned(a)
+    assert a.flush() and b.flush()
+    server.client().hset(a.keys.meta, "epoch", b"\0" * (1 << 20))
+    server.client().delete(a.keys.ngram)
+    assert b.flush() and len(server.client().hget(a.keys.meta, "epoch")) == 32
+    assert b.stats()["redis"]["repaired_keys"] == 1
+    assert a.flush()                                              # a sees a new epoch and re-seeds its rows
+    assert server.client().hlen(a.keys.ngram) == a.stats()["ngram"]["contexts"]
+    for t in (a, b):
+        t.close()
+
+
 def test_push_and_pull_fail_independently(server, fp, monkeypatch):
     a, b = tables(server.url, fp), tables(server.url, fp)
     assert a.flush() and b.flush()

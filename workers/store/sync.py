@@ -248,6 +248,10 @@ class Syncer:
         pipe.hget(self.keys.meta, "epoch")
         pipe.expire(self.keys.meta, self.cfg.ttl_s)
         epoch = pipe.execute()[1]
+        if not isinstance(epoch, bytes) or not 0 < len(epoch) <= 64:   # not an epoch we write: replace it
+            epoch = uuid.uuid4().hex.encode()
+            r.hset(self.keys.meta, "epoch", epoch)
+            self.repaired_keys += 1
         if self.epoch is not None and epoch != self.epoch:
             log.warning("shared tables: namespace %s was recreated; re-seeding it from the local copy", self.keys.ns)
             for table in self.tables.values():
