@@ -56,7 +56,7 @@ class SharedTables:
         return {"ngram_table": self.ngram, "adjacency_table": self.adjacency}
 
     def flush(self) -> bool:
-        """Push and pull now, from the calling thread; False if Redis is unavailable."""
+        """Push and pull now, from the calling thread; False if Redis is unavailable or a step failed."""
         return self.syncer.sync(force=True)
 
     def stats(self) -> dict:
