@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
-from metaspec.workers.types import RequestError
+from metaspec.workers.errors import QueueFull, RequestError
 
 from .pool_watch import PoolDown
+
+logger = logging.getLogger("ray.serve")
 
 
 class Status(Exception):
@@ -32,11 +36,12 @@ def status_of(exc: BaseException) -> Status:
         return Status(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, TimeoutError):
         return Status(grpc.StatusCode.DEADLINE_EXCEEDED, "the request's deadline (timeout_s) passed")
-    if isinstance(exc, BackPressureError):
+    if isinstance(exc, (BackPressureError, QueueFull)):
         return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, "the pool's queue is full; retry later")
     if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError, DeploymentUnavailableError)):
         return Status(grpc.StatusCode.UNAVAILABLE, f"the worker serving this request is unavailable: {type(exc).__name__}")
-    return Status(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+    logger.error("internal error answered as INTERNAL: %s: %s", type(exc).__name__, exc)
+    return Status(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); the service log has details")
 
 
 def _replica_lost(exc: BaseException) -> bool:

@@ -132,12 +132,15 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory, tiny_tokenizer_dir) -> Pair:
-    """Target (2 layers, GQA, vocab 512, weak attention) and a noisy-copy drafter, with the tiny tokenizer."""
+    """Target (2 layers, GQA, vocab 512, weak attention, weak last MLP) and a noisy-copy drafter, with the tiny
+    tokenizer."""
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("tiny_pair")
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     target = random_llama(llama_config(len(tok)), seed=0, attn_scale=0.15)
+    with torch.no_grad():   # a weak last block: the first block's early exit agrees with the target often enough
+        target.model.layers[-1].mlp.down_proj.weight.mul_(0.3)
     drafter = noisy_copy(target, seed=1, noise=0.1)
     for name, model in (("target", target), ("drafter", drafter)):
         model.save_pretrained(root / name)
@@ -175,13 +178,14 @@ def missing_requirements(method: str, resources: dict, drafter: bool = True) -> 
     return f"arm {method!r} needs {sorted(missing)}, which this test does not provide" if missing else None
 
 
-def make_engine(pair: Pair, dtype: str = "float32", lean: bool = True, drafter: bool = True):
+def make_engine(pair: Pair, dtype: str = "float32", lean: bool = True, drafter: bool = True, batch=None):
     from metaspec.workers.engine import Engine, EngineConfig
     from metaspec.workers.model import ModelConfig
+    from metaspec.workers.scheduler import SchedulerConfig
 
     cfg = EngineConfig(target=ModelConfig(pair.target, dtype=dtype, lean=lean),
                        drafter=ModelConfig(pair.drafter, dtype=dtype, lean=lean) if drafter else None,
-                       default_method="ar")
+                       default_method="ar", batch=batch or SchedulerConfig())
     engine = Engine(cfg)
     engine.resources.update(local_resources(engine.target.vocab_size))
     return engine

@@ -29,8 +29,12 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import llguidance
 import torch
+
+try:  # constraints need it; a replica (or a GPU check) serving free text runs without it
+    import llguidance
+except ImportError:  # pragma: no cover - llguidance is a declared dependency
+    llguidance = None
 
 from .asap import PrefixTrie
 from .types import Draft, RequestError, SamplingParams, Verdict
@@ -122,6 +126,8 @@ class GrammarCompiler:
 
     def _compile(self, spec: ConstraintSpec) -> Compiled:
         t0 = time.perf_counter()
+        if llguidance is None:
+            return Compiled(None, "constrained decoding is not available on this worker (llguidance missing)", 0.0)
         if len(spec.source) > self.cfg.max_source_chars:
             return Compiled(None, f"{spec.kind} is {len(spec.source)} characters; the limit is "
                                   f"{self.cfg.max_source_chars}", 0.0)
@@ -248,20 +254,23 @@ class Constraint:
 
     def mask(self, logits: torch.Tensor, draft: Draft, params: SamplingParams) -> torch.Tensor:
         """[k'+1, V] logits scored over [last, *draft] → the same with disallowed tokens at -inf per row."""
-        out, lazy = None, params.greedy and self.trie is None and self.cfg.lazy_greedy_masks
+        lazy = params.greedy and self.trie is None and self.cfg.lazy_greedy_masks
+        out = None
         self._rows.clear()
         self._temperature = params.temperature or 1.0
         for node in self._states(draft):
             row = node + 1
             if node >= 0 and draft.tokens[node] in self.eos_ids:
                 continue                                  # the row after EOS is never used
-            if lazy and self.m.validate_tokens([int(logits[row].argmax())]) == 1:
+            if lazy and self.m.validate_tokens([int(logits[row].argmax())]) == 1 and not self.m.compute_ff_tokens():
                 continue                                  # masking cannot change an allowed argmax
+            # (where the grammar forces text, llguidance's bitmask keeps its canonical token only, " the" and not
+            # " th", which validate_tokens accepts: such rows always get the full mask)
             allowed = self._allowed(logits.shape[-1])     # [V] bool
             if not bool(allowed.any()):
                 raise RequestError(f"the grammar matcher failed: {self.m.get_error() or 'no token allowed'}")
             out = logits.clone() if out is None else out
-            out[row] = logits[row].masked_fill(~allowed, float("-inf"))
+            out[row] = logits[row].masked_fill(~allowed.to(logits.device), float("-inf"))
             if self.trie is not None:
                 self._rows[row] = (allowed, logits[row])
                 for t, bias in self.trie.log_bias(self._trie_node(draft, node), allowed).items():

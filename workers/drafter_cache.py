@@ -1,6 +1,6 @@
 """A drafter's KV cache kept equal to a prefix of the sequence it drafts after, by common-prefix rollback.
 
-Used by every arm whose drafter runs its own cache (sps in the request's thread, pearl in its own process): after a
+Used by every arm whose drafter runs its own cache (sps in the step loop, pearl in its own process): after a
 verification the sequence may share only a prefix with what the drafter was fed (rejected draft tokens), so the
 cache is rolled back to the common prefix and only the rest is fed.
 """
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .kv import SlotSession
 from .model import Model
 
 
@@ -44,8 +45,8 @@ class DrafterCache:
     >>> logits, fed = cache.logits_after([5, 6, 9, 1])     # rolls back to [5, 6], feeds 2
     """
 
-    def __init__(self, model: Model, capacity: int) -> None:
-        self.session, self.fed = model.session(capacity), []
+    def __init__(self, model: Model | None, capacity: int, session: SlotSession | None = None) -> None:
+        self.session, self.fed = session if session is not None else model.session(capacity), []
 
     def rollback_to(self, seq: Sequence[int] | np.ndarray) -> None:
         """Keep the longest common prefix of the cache and seq, short of seq's last token (always fed again: its
@@ -55,10 +56,21 @@ class DrafterCache:
             del self.fed[common:]
             self.session.rollback(common)
 
+    def pending(self, seq: Sequence[int]) -> list[int]:
+        """Roll back to the common prefix; the tokens to feed next (a batched forward feeds them, then `fed_up`)."""
+        self.rollback_to(seq)
+        return list(seq[len(self.fed):])
+
+    def fed_up(self, new: list[int]) -> None:
+        self.fed.extend(new)
+
     def logits_after(self, seq: Sequence[int]) -> tuple[torch.Tensor, int]:
         """([V] logits for the position after seq, tokens fed), feeding only what the cache lacks."""
-        self.rollback_to(seq)
-        new = list(seq[len(self.fed):])
+        new = self.pending(seq)
         logits = self.session.forward(new)[-1]
-        self.fed.extend(new)
+        self.fed_up(new)
         return logits, len(new)
+
+    def release(self) -> None:
+        self.fed = []
+        self.session.release()

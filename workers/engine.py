@@ -1,21 +1,29 @@
-"""One replica's decoding engine: loads target, drafter and tokenizer once, serves requests one arm at a time."""
+"""One replica's decoding engine: loads target, drafter and tokenizer once and runs the step loop over them.
+
+Every request keeps its own arm; the replica's scheduler (workers/scheduler.py) scores all running requests in one
+target forward per step. Request setup (tokenisation, grammar compilation, the arm's proposer and any drafter
+lease) runs in the submitting thread, off the step loop: a slow grammar delays its own request only. Text
+(detokenisation, stop strings) is assembled on the consumer side (`Output`), also off the loop.
+"""
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
 from .constraint import ConstraintConfig, ConstraintSpec, GrammarCompiler
-from .decode import decode
 from .detokenize import Detokenizer
 from .model import Model, ModelConfig, load_model
 from .registry import ArmContext, arms, build
-from .sampling import make_generator
-from .types import DecodeStats, RequestError, SamplingParams
+from .sampling import Noise, new_seed
+from .scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence
+from .types import RequestError, SamplingParams
+
+__all__ = ["Chunk", "Engine", "EngineConfig", "Output", "QueueFull", "Request", "Result"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,7 @@ class EngineConfig:
     constraints: ConstraintConfig = ConstraintConfig()  # grammar compile limits, cache, fast-forward
     learn_emitted: bool = True               # at request end, teach resources["ngram_table"] (if any) the emitted
                                              # tokens, whatever the arm; off where runs must not see each other (bench)
+    batch: SchedulerConfig = SchedulerConfig()  # KV pool size, chunked prefill, step budget, waiting queue
 
 
 @dataclass(frozen=True)
@@ -75,10 +84,32 @@ class Engine:
         self.grammars = GrammarCompiler(self.tokenizer, self.target.vocab_size, self.eos_ids, cfg.constraints)
         if cfg.default_method not in arms():
             raise ValueError(f"default_method {cfg.default_method!r} is not a registered arm")
+        slots = pool_slots(self.target, cfg.batch)
+        self.pool = self.target.pool(slots, cfg.batch.slot_tokens)            # the replica's KV memory, once
+        self.drafter_pool = self.drafter.pool(slots, cfg.batch.slot_tokens) if self.drafter else None
+        self.scheduler = Scheduler(Noise(self.target.device), self.eos_ids, cfg.batch, cfg.k_max)
+        self._stop = threading.Event()
+        self._loop = threading.Thread(target=self.scheduler.run, args=(self._stop,), daemon=True,
+                                      name="metaspec-step-loop")
+        self._loop.start()
+
+    def close(self) -> None:
+        """Stop the step loop (requests still running end with an error)."""
+        self._stop.set()
+        self._loop.join(timeout=10)
 
     def available_methods(self) -> list[str]:
         return [name for name, arm in arms().items()
                 if all(getattr(self, r, None) is not None or r in self.resources for r in arm.requires)]
+
+    def memory(self) -> dict[str, Any]:
+        """KV pool slots and memory per device (bytes), allocated once at start."""
+        out: dict[str, Any] = {"slots": self.pool.slots, "free_slots": self.pool.free, "kv_bytes": {}}
+        for pool, model in ((self.pool, self.target), (self.drafter_pool, self.drafter)):
+            if pool is not None:
+                dev = str(model.device)
+                out["kv_bytes"][dev] = out["kv_bytes"].get(dev, 0) + getattr(pool, "mem_bytes", 0)
+        return out
 
     def encode(self, request: Request) -> list[int]:
         if request.prompt_ids is not None:
@@ -89,54 +120,90 @@ class Engine:
             ids = self.tokenizer.encode(request.prompt or "", add_special_tokens=False)
         if not ids:
             raise RequestError("prompt is empty")
-        if len(ids) >= self.target.max_context:
-            raise RequestError(f"prompt has {len(ids)} tokens; the model's context is {self.target.max_context}")
+        limit = min(self.target.max_context, self.pool.slot_tokens)
+        if len(ids) >= limit:
+            raise RequestError(f"prompt has {len(ids)} tokens; this replica serves contexts up to {limit}")
         return ids
+
+    def submit(self, request: Request, sink: Callable[[tuple], None]) -> Sequence:
+        """Set the request up in the caller's thread and queue it for the step loop; its events go to `sink`.
+
+        Raises RequestError for a request that cannot be served as asked, QueueFull when the replica's waiting
+        queue is full."""
+        method = request.method or self.cfg.default_method
+        ids = self.encode(request)
+        params = request.params
+        capacity = min(self.pool.slot_tokens, len(ids) + params.max_tokens + self.cfg.k_max + 1)
+        seed = params.seed if params.seed is not None else new_seed()
+        constraint = self.grammars.start(request.constraint, params, tuple(ids)) if request.constraint else None
+        session = self.pool.session(capacity)
+        ctx = ArmContext(target=self.target, params=params, seed=seed, drafter=self.drafter, target_session=session,
+                         resources=self.resources, drafter_pool=self.drafter_pool)
+        proposer = build(method, ctx)
+        close = getattr(proposer, "close", None)    # arms holding a drafter slot or lease give it back at the end
+
+        def on_end() -> None:
+            if close is not None:
+                close()
+            if constraint is not None:
+                constraint.close()
+
+        s = Sequence(ids, params, seed, proposer, session, sink, min(params.max_tokens, capacity - len(ids)),
+                     constraint, on_end=on_end)
+        try:
+            self.scheduler.submit(s)
+        except QueueFull:
+            on_end()
+            raise
+        return s
+
+    def cancel(self, s: Sequence) -> None:
+        self.scheduler.cancel(s)
+
+    def output(self, request: Request, s: Sequence, t_start: float) -> Output:
+        return Output(self, request.method or self.cfg.default_method, s, t_start)
 
     def stream(self, request: Request) -> Iterator[Chunk | Result]:
         """Yield Chunks as tokens are verified, then one Result. Errors in the request raise RequestError."""
         t_start = time.perf_counter()
-        method = request.method or self.cfg.default_method
-        ids = self.encode(request)
-        params = request.params
-        capacity = min(self.target.max_context, len(ids) + params.max_tokens + self.cfg.k_max + 1)
-        generator = make_generator(params.seed)
-        constraint = self.grammars.start(request.constraint, params, tuple(ids)) if request.constraint else None
-        session = self.target.session(capacity)
-        ctx = ArmContext(target=self.target, params=params, generator=generator, drafter=self.drafter,
-                         target_session=session, resources=self.resources)
-        proposer = build(method, ctx)
-        stats, out, text, sent, finish, ttft = DecodeStats(), [], "", 0, "length", None
-        detok, cut = Detokenizer(self.tokenizer), None
-        for emitted in decode(session, proposer, ids, params, generator, self.eos_ids, capacity, self.cfg.k_max, stats,
-                              constraint):
-            ttft = ttft if ttft is not None else time.perf_counter() - t_start
-            out.extend(emitted)
-            text += detok.push(emitted)       # only what is final: no decode of the whole output per step
-            cut = _find_stop(text, params.stop, sent)
-            if cut is not None:
-                text, finish = text[:cut], "stop"
-            elif out[-1] in self.eos_ids and not params.ignore_eos:
-                finish = "stop"
-            final = len(text) if finish == "stop" else _stable_len(text, params.stop)
-            yield Chunk(emitted, text[sent:final])
-            sent = max(sent, final)
-            if cut is not None:
-                break
-        if cut is None:                       # what the detokenizer held back (a character cut by the last token)
-            text += detok.flush()
-            if (cut := _find_stop(text, params.stop, sent)) is not None:
-                text, finish = text[:cut], "stop"
-        if constraint is not None:
-            constraint.close()
-        self._learn(ids, out)
-        wall = time.perf_counter() - t_start
-        s = asdict(stats) | {"acceptance_length": stats.acceptance_length, "acceptance_rate": stats.acceptance_rate}
-        if sent < len(text):
-            yield Chunk([], text[sent:])
-        yield Result(text, out, finish, method, len(ids), ttft or wall, wall, s)
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        s = self.submit(request, events.put)
+        yield from self._consume(self.output(request, s, t_start), events)
 
-    def _learn(self, prompt: list[int], emitted: list[int]) -> None:
+    def _consume(self, out: Output, events: queue.SimpleQueue) -> Iterator[Chunk | Result]:
+        ended = False
+        try:
+            while not ended:
+                kind, value = events.get()
+                if kind == "tokens":
+                    yield out.push(value)
+                    if out.stopped:           # a stop string: the loop drops the request at its next step
+                        break
+                elif kind == "error":
+                    ended = True
+                    raise value
+                else:
+                    ended = True
+            yield from out.finish()
+        finally:
+            if not ended:
+                self.cancel(out.seq)
+
+    def generate(self, request: Request) -> Result:
+        for item in self.stream(request):
+            if isinstance(item, Result):
+                return item
+        raise AssertionError("stream ended without a Result")
+
+    def generate_many(self, requests: list[Request]) -> list[Result]:
+        """Submit every request at once (they share the replica's steps), then collect their Results in order."""
+        t_start, started = time.perf_counter(), []
+        for request in requests:
+            events: queue.SimpleQueue = queue.SimpleQueue()
+            started.append((self.output(request, self.submit(request, events.put), t_start), events))
+        return [item for out, events in started for item in self._consume(out, events) if isinstance(item, Result)]
+
+    def learn(self, prompt: list[int], emitted: list[int]) -> None:
         """Request end: every arm's verified tokens teach the shared n-gram table's local copy; the background
         syncer pushes them to Redis with its next pipelined round (every sync_interval_s). The adjacency table
         learns only under `recycling`: it needs the target's logits at each step, which other arms would pay for."""
@@ -144,11 +211,61 @@ class Engine:
         if table is not None and emitted:
             table.learn(prompt, emitted)
 
-    def generate(self, request: Request) -> Result:
-        for item in self.stream(request):
-            if isinstance(item, Result):
-                return item
-        raise AssertionError("stream ended without a Result")
+
+def pool_slots(target: Model, cfg: SchedulerConfig) -> int:
+    """KV slots of a replica: max_batch, fewer when kv_mem_gb caps the pool's memory."""
+    slots = cfg.max_batch
+    per_slot = target.slot_bytes(min(cfg.slot_tokens or target.max_context, target.max_context))
+    if cfg.kv_mem_gb is not None and per_slot > 0:
+        slots = min(slots, int(cfg.kv_mem_gb * 2**30 // per_slot))
+        if slots < 1:
+            raise ValueError(f"kv_mem_gb={cfg.kv_mem_gb} holds no slot of {per_slot / 2**30:.3f} GiB")
+    return slots
+
+
+class Output:
+    """One request's text, assembled from its token events (detokenisation, stop strings) off the step loop."""
+
+    def __init__(self, engine: Engine, method: str, s: Sequence, t_start: float) -> None:
+        self.engine, self.method, self.seq, self.t_start = engine, method, s, t_start
+        self.stops, self.eos_ids = s.params.stop, engine.eos_ids
+        self.detok = Detokenizer(engine.tokenizer)
+        self.out: list[int] = []
+        self.text, self.sent, self.finish_reason = "", 0, "length"
+        self.ttft_s: float | None = None
+        self.cut: int | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.cut is not None
+
+    def push(self, emitted: list[int]) -> Chunk:
+        self.ttft_s = self.ttft_s if self.ttft_s is not None else time.perf_counter() - self.t_start
+        self.out.extend(emitted)
+        self.text += self.detok.push(emitted)       # only what is final: no decode of the whole output per step
+        self.cut = _find_stop(self.text, self.stops, self.sent)
+        if self.cut is not None:
+            self.text, self.finish_reason = self.text[:self.cut], "stop"
+        elif self.out[-1] in self.eos_ids and not self.seq.params.ignore_eos:
+            self.finish_reason = "stop"
+        final = len(self.text) if self.finish_reason == "stop" else _stable_len(self.text, self.stops)
+        chunk = Chunk(emitted, self.text[self.sent:final])
+        self.sent = max(self.sent, final)
+        return chunk
+
+    def finish(self) -> Iterator[Chunk | Result]:
+        if self.cut is None:                  # what the detokenizer held back (a character cut by the last token)
+            self.text += self.detok.flush()
+            if (cut := _find_stop(self.text, self.stops, self.sent)) is not None:
+                self.text, self.finish_reason = self.text[:cut], "stop"
+        self.engine.learn(self.seq.prompt, self.out)
+        wall = time.perf_counter() - self.t_start
+        st = self.seq.stats
+        stats = asdict(st) | {"acceptance_length": st.acceptance_length, "acceptance_rate": st.acceptance_rate}
+        if self.sent < len(self.text):
+            yield Chunk([], self.text[self.sent:])
+        yield Result(self.text, self.out, self.finish_reason, self.method, len(self.seq.prompt),
+                     self.ttft_s or wall, wall, stats)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], searched_from: int) -> int | None:

@@ -17,7 +17,7 @@ writing tokens and M_COMMITTED, then bumping M_EPOCH; a fully accepted draft onl
 epoch the drafter feeds seq[:M_COMMITTED] (common-prefix rollback of its KV cache), publishes D_START = D_END =
 M_COMMITTED and D_EPOCH, then drafts position D_END while D_END < M_COMMITTED + M_LOOKAHEAD, writing draft[p]
 (and its q row) before D_END = p + 1. A token finished after the target side moved to another epoch is dropped.
-Sampled drafts use one generator seeded per (request seed, position), so a draft never depends on timing.
+Sampled drafts use noise keyed by (request seed, position) (workers/sampling.py), so a draft never depends on timing.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 from .drafter_cache import DrafterCache
 from .model import Model
-from .sampling import probs_from_logits, sample
+from .sampling import DRAFT, Noise, probs_from_logits, race
 from .types import SamplingParams
 
 # control words, target side
@@ -136,14 +136,6 @@ def wait_for(done, bell_fd: int, spin_s: float, gone, timeout_s: float, what: st
 
 # ---- the drafter loop (runs in the drafter process, or in a thread) ---------------------------------------------
 
-def position_seed(seed: int, position: int) -> int:
-    """Independent generator seed per (request seed, position): splitmix64 of their combination."""
-    z = (seed + 0x9E3779B97F4A7C15 * (position + 1)) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
-
-
 def _request_params(ch: Channel) -> tuple[SamplingParams, int]:
     temperature, top_k, top_p, seed = ch.params.tolist()
     return SamplingParams(temperature=temperature, top_k=int(top_k), top_p=top_p), int(seed)
@@ -163,7 +155,7 @@ def _calibrate(model: Model) -> int:
 
 def serve(ch: Channel, model: Model, spin_s: float, parent_pid: int | None = None) -> None:
     """The drafter's loop: draft ahead of the committed sequence until told to shut down."""
-    c, feeder, gen = ch.ctl, DrafterCache(model, ch.capacity), torch.Generator()
+    c, feeder, noise = ch.ctl, DrafterCache(model, ch.capacity), Noise("cpu")
     c[D_CALIB_NS] = c[D_STEP_NS] = _calibrate(model)
     c[D_READY] = 1
     epoch, req, chain, params, seed, traced = -1, -1, [], SamplingParams(), 0, 0
@@ -193,8 +185,7 @@ def serve(ch: Channel, model: Model, spin_s: float, parent_pid: int | None = Non
             token, q = int(logits.argmax()), None
         else:
             q = probs_from_logits(logits, params).cpu()                       # [V]
-            gen.manual_seed(position_seed(seed, p))
-            token = sample(q, gen)
+            token = int(race(q, noise.rows(seed, [p], q.shape[-1], DRAFT)[0]))
         t1 = time.monotonic_ns()
         ch.trace[traced % N_TRACE] = (t0, t1, fed)
         traced += 1

@@ -7,8 +7,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
-
+from .kv import SlotPool
 from .model import Model, Session
 from .types import Proposer, RequestError, SamplingParams
 
@@ -19,9 +18,10 @@ class ArmContext:
 
     target: Model                                  # the target (weights shared by all requests)
     params: SamplingParams                         # the request's sampling parameters
-    generator: torch.Generator | None = None       # the request's RNG (shared with verification)
+    seed: int = 0                                  # the request's seed (drafters sample on its DRAFT stream)
     drafter: Model | None = None                   # a small draft model with the target's tokenizer
     target_session: Session | None = None          # the request's target KV cache (self-speculation)
+    drafter_pool: SlotPool | None = None           # the replica's drafter KV pool (None: a private session)
     resources: dict[str, Any] = field(default_factory=dict)  # further shared objects by name (n-gram store...)
 
 

@@ -8,12 +8,9 @@ from typing import Protocol
 
 import torch
 
+from .errors import RequestError
 
-class RequestError(ValueError):
-    """A request the service cannot serve as asked (bad parameter, unknown method, prompt too long...).
-
-    The gRPC edge maps it to INVALID_ARGUMENT with `str(error)` as the message.
-    """
+__all__ = ["DecodeStats", "Draft", "Proposer", "RequestError", "SamplingParams", "Verdict"]
 
 
 @dataclass(frozen=True)

@@ -1,108 +1,122 @@
-"""Verification, written once: greedy prefix match, or the p/q rejection rule with residual resampling.
+"""Verification, written once and vectorised over a step's batch: greedy prefix match, or the p/q rejection rule.
 
-A deterministic drafter (`Draft.probs is None`) is a one-hot q, so n-gram arms stay lossless under sampling:
-accept x with probability p(x); on rejection resample from p with x removed. Tree drafts (deterministic) try
-the children of the current node in turn, each with the residual probability left after zeroing the rejected
-siblings and renormalising; with no child accepted, the residual is sampled. EOS and the token budget cut
-`emitted` here and nowhere else.
+Every scored row gets the target's own draw y (greedy: the argmax; sampled: argmax(p / E) with E the row's
+position-keyed noise, workers/sampling.py). A deterministic draft (`Draft.probs is None`, chain or tree) keeps a
+node iff it equals y and emits y where it stops: a one-hot q makes the p/q rule exactly this (accept x with
+probability p(x), else a sample of p without x), so n-gram arms stay lossless under sampling and emit AR's seeded
+sample. A drafter's distribution q (sampled sps, early exit) uses the p/q rule: accept x_i when u_i q(x_i) <
+p(x_i), on the first rejection emit a sample of the residual (p - q)+; all accepted, the bonus is y after the last.
+
+All device work of a batch ends in ONE host transfer (`torch.cat(...).tolist()`); the walk along each draft is
+host-side list work. EOS and the token budget cut `emitted` here and nowhere else.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .sampling import probs_from_logits, sample
+from .sampling import Noise, probs_from_logits, race, uniform
 from .types import Draft, SamplingParams, Verdict
 
 
-def verify(logits: torch.Tensor, draft: Draft, params: SamplingParams, generator: torch.Generator | None = None,
-           eos_ids: frozenset[int] = frozenset(), budget: int | None = None) -> Verdict:
-    """Judge `draft` against target `logits` [k'+1, V] scored over [last, *draft.tokens].
+@dataclass(frozen=True)
+class Scored:
+    """One request's share of a step's verification."""
+
+    logits: torch.Tensor          # [k'+1, V] target logits over [last, *draft.tokens] (grammar-masked if any)
+    draft: Draft
+    params: SamplingParams
+    seed: int = 0                 # the request's seed (sampled requests)
+    position: int = 0             # sequence index of the token row 0 predicts (= len(seq))
+    budget: int | None = None     # tokens the request may still emit
+
+
+def verify(logits: torch.Tensor, draft: Draft, params: SamplingParams, seed: int = 0, position: int = 0,
+           eos_ids: frozenset[int] = frozenset(), budget: int | None = None, noise: Noise | None = None) -> Verdict:
+    """Judge one draft (a batch of one).
 
     >>> verify(torch.eye(4)[[2, 3, 1]] * 9, Draft([2, 0]), SamplingParams()).emitted   # argmax 2, 3, 1
     [2, 3]
     """
-    if draft.parents is not None:
-        path, emitted = _tree(logits, draft, params, generator)
-        return _truncate(len(path), emitted, eos_ids, budget, params.ignore_eos, path)
-    if params.greedy:
-        accepted, emitted = _greedy(logits, draft.tokens)
-    else:
-        accepted, emitted = _rejection(probs_from_logits(logits, params), draft, generator)
-    return _truncate(accepted, emitted, eos_ids, budget, params.ignore_eos)
+    return verify_batch([Scored(logits, draft, params, seed, position, budget)], noise or Noise(logits.device),
+                        eos_ids)[0]
 
 
-def _tree(logits: torch.Tensor, draft: Draft, params: SamplingParams,
-          generator: torch.Generator | None) -> tuple[list[int], list[int]]:
-    """Walk the tree from `last`: row 0 of logits scores `last`, row i + 1 scores node i."""
-    children: dict[int, list[int]] = {}
-    for i, p in enumerate(draft.parents):
-        children.setdefault(p, []).append(i)
-    best = logits.argmax(-1).tolist() if params.greedy else None
-    probs = None if params.greedy else probs_from_logits(logits, params)
-    node, path = -1, []
-    while True:
-        kids = children.get(node, [])
-        if best is not None:
-            nxt = next((c for c in kids if draft.tokens[c] == best[node + 1]), None)
-            token = best[node + 1]
-        else:
-            nxt, token = _try_siblings(probs[node + 1].clone(), [draft.tokens[c] for c in kids], generator)
-            nxt = kids[nxt] if nxt is not None else None
-        if nxt is None:
-            return path, [draft.tokens[i] for i in path] + [token]
-        path.append(nxt)
-        node = nxt
+def verify_batch(batch: list[Scored], noise: Noise, eos_ids: frozenset[int] = frozenset()) -> list[Verdict]:
+    """Verdicts of every request of a step, with one host sync for all of them."""
+    if not batch:
+        return []
+    greedy = [i for i, s in enumerate(batch) if s.params.greedy]
+    packs: dict[int, torch.Tensor] = {}
+    if greedy:                                                   # one argmax over every greedy row of the batch
+        best = torch.cat([batch[i].logits for i in greedy]).argmax(-1)
+        for i, part in zip(greedy, best.split([len(batch[i].logits) for i in greedy])):
+            packs[i] = part
+    for i, s in enumerate(batch):
+        if i not in packs:
+            packs[i] = _sampled(s, noise)
+    flat = torch.cat([packs[i] for i in range(len(batch))]).tolist()      # the step's one host sync
+    verdicts, at = [], 0
+    for s in batch:
+        n = len(packs[len(verdicts)])
+        verdicts.append(_walk(s, flat[at: at + n], eos_ids))
+        at += n
+    return verdicts
 
 
-def _try_siblings(residual: torch.Tensor, tokens: list[int],
-                  generator: torch.Generator | None) -> tuple[int | None, int]:
-    """Accept sibling j with its residual probability; on rejection zero it and renormalise. -> (j or None, token)"""
-    for j, x in enumerate(tokens):
-        total = residual.sum()
-        if torch.rand((), generator=generator).item() * total < residual[x]:
-            return j, x
-        residual[x] = 0.0
-    return None, sample(residual / residual.sum(), generator)
+def _sampled(s: Scored, noise: Noise) -> torch.Tensor:
+    """[k'+1] target draws y; with a drafter q also [k'] acceptances and [k'] residual draws: one int64 pack."""
+    p = probs_from_logits(s.logits, s.params)                                # [k'+1, V]
+    positions = [s.position] + [s.position + d for d in s.draft.depths()]
+    e = noise.rows(s.seed, positions, p.shape[-1])                           # [k'+1, V+1]
+    y = race(p, e)
+    if s.draft.probs is None or not s.draft.tokens:
+        return y
+    q = _draft_rows(s.draft.probs, p.shape[-1]).to(p.device)                # [k', V]
+    x = torch.tensor(s.draft.tokens, device=p.device)[:, None]
+    p_x, q_x = p[:-1].gather(1, x)[:, 0], q.gather(1, x)[:, 0]
+    accept = (q_x > 0) & (uniform(e[:-1]) * q_x < p_x)                      # accept w.p. min(1, p/q)
+    return torch.cat([y, accept.long(), race(_residual(p[:-1], q), e[:-1])])
 
 
-def _greedy(logits: torch.Tensor, tokens: list[int]) -> tuple[int, list[int]]:
-    best = logits.argmax(-1).tolist()                                    # [k'+1]
-    accepted = 0
-    while accepted < len(tokens) and tokens[accepted] == best[accepted]:
-        accepted += 1
-    return accepted, tokens[:accepted] + [best[accepted]]
+def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """[k', V] (p - q)+ per row (unnormalised: the race normalises); p itself where p == q up to rounding."""
+    r = (p - q).clamp_min(0)
+    return torch.where(r.sum(-1, keepdim=True) > 0, r, p)
 
 
-def _rejection(p: torch.Tensor, draft: Draft, generator: torch.Generator | None) -> tuple[int, list[int]]:
-    """p: [k'+1, V] target distribution; q: [k', V] drafter distribution or one-hot when absent."""
-    vocab = p.shape[-1]
-    for i, x in enumerate(draft.tokens):
-        if draft.probs is None:  # one-hot q: y ~ p, keep x iff y == x (P = p(x); else y ~ p without x). One draw
-            y = sample(p[i], generator)  # per emitted token, as in AR: a seed gives AR's output whatever is drafted
-            if y == x:
-                continue
-            return i, draft.tokens[:i] + [y]
-        q = _draft_row(draft, i, vocab)
-        p_x, q_x = p[i, x].item(), q[x].item()
-        if q_x > 0 and torch.rand((), generator=generator).item() * q_x < p_x:  # accept w.p. min(1, p/q)
-            continue
-        residual = (p[i] - q).clamp_min(0)
-        if residual.sum() <= 0:  # p == q up to rounding: any token of p is a valid recovery
-            residual = p[i]
-        return i, draft.tokens[:i] + [sample(residual / residual.sum(), generator)]
-    return len(draft.tokens), draft.tokens + [sample(p[len(draft.tokens)], generator)]
-
-
-def _draft_row(draft: Draft, i: int, vocab: int) -> torch.Tensor:
-    if draft.probs is None:
-        q = torch.zeros(vocab)
-        q[draft.tokens[i]] = 1.0
-        return q
-    q = draft.probs[i].float()
+def _draft_rows(q: torch.Tensor, vocab: int) -> torch.Tensor:
+    q = q.float()
     if q.shape[-1] != vocab:  # drafter vocab padded differently from the target's: align by token id
-        q = torch.nn.functional.pad(q[:vocab], (0, max(0, vocab - q.shape[-1])))
+        q = torch.nn.functional.pad(q[..., :vocab], (0, max(0, vocab - q.shape[-1])))
     return q
+
+
+def _walk(s: Scored, draws: list[int], eos_ids: frozenset[int]) -> Verdict:
+    draft, k = s.draft, len(s.draft.tokens)
+    if draft.parents is not None:
+        children: dict[int, dict[int, int]] = {}
+        for i, (p, t) in enumerate(zip(draft.parents, draft.tokens)):
+            children.setdefault(p, {}).setdefault(t, i)
+        node, path = -1, []
+        while (nxt := children.get(node, {}).get(draws[node + 1])) is not None:
+            path.append(nxt)
+            node = nxt
+        emitted = [draft.tokens[i] for i in path] + [draws[node + 1]]
+        return _truncate(len(path), emitted, eos_ids, s.budget, s.params.ignore_eos, path)
+    y = draws[: k + 1]
+    if len(draws) > k + 1:                                  # the p/q rule: [y, accept, residual draws]
+        accept, z = draws[k + 1: 2 * k + 1], draws[2 * k + 1:]
+        a = next((i for i, ok in enumerate(accept) if not ok), k)
+        emitted = draft.tokens[:a] + [z[a] if a < k else y[k]]
+    else:
+        a = 0
+        while a < k and draft.tokens[a] == y[a]:
+            a += 1
+        emitted = draft.tokens[:a] + [y[a]]
+    return _truncate(a, emitted, eos_ids, s.budget, s.params.ignore_eos)
 
 
 def _truncate(accepted: int, emitted: list[int], eos_ids: frozenset[int], budget: int | None,

@@ -1,16 +1,18 @@
 """DecodeWorker: the Ray Serve deployment of one pool's replica, wrapping `Engine`.
 
-Weights load once per replica (in `__init__`). Decode steps of every request on the replica run on one
-dedicated thread, so concurrent requests interleave step by step (round robin) and the event loop stays free for
-health checks and cancellation. A request whose caller goes away (client cancel, deadline, disconnect) stops at
-the next step boundary: no decode work is spent on it afterwards.
+Weights and the KV pool load once per replica (in `__init__`). Every request on the replica joins the engine's step
+loop (its own thread): one target forward per step scores all of them, each with its own arm. Request setup
+(tokenisation, grammar compilation, proposer) runs on a small thread pool and events come back to the event loop
+by `call_soon_threadsafe`, so the event loop stays free for health checks and cancellation. A request whose
+caller goes away (client cancel, deadline, disconnect) stops at the next step boundary and frees its slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import aclosing
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -18,6 +20,7 @@ from ray import serve
 
 from .engine import Chunk, Engine, EngineConfig, Request, Result
 from .model import ModelConfig
+from .scheduler import SchedulerConfig
 from .pearl import PearlConfig
 from .registry import arms
 from .store import SharedTables, StoreConfig
@@ -52,21 +55,22 @@ class WorkerCounters:
     failed: int = 0
     tokens: int = 0
     active: set[str] = field(default_factory=set)   # ids of requests being decoded now
-
-
-_END = object()
+    running: int = 0                                 # requests in the step loop's batch now
+    waiting: int = 0                                 # requests waiting for a KV slot now
+    steps: int = 0                                   # step-loop forwards so far
+    tokens_scored: int = 0                           # tokens those forwards scored
 
 
 def worker_config(pool: str, target: str, drafter: str | None, tokenizer: str | None = None, dtype: str = "float32",
                   device: str = "cpu", threads: int = 1, k_max: int = 8,
                   store: StoreConfig | None = None, pearl: PearlConfig | None = None,
-                  drafter_bundle: int | None = None) -> WorkerConfig:
+                  drafter_bundle: int | None = None, batch: SchedulerConfig = SchedulerConfig()) -> WorkerConfig:
     """Build a WorkerConfig from a pool's plain settings."""
     def model(path: str) -> ModelConfig:
         return ModelConfig(path=path, dtype=dtype, device=device, threads=threads)
 
     engine = EngineConfig(target=model(target), drafter=model(drafter) if drafter else None, tokenizer=tokenizer,
-                          k_max=k_max, default_method="ar")
+                          k_max=k_max, default_method="ar", batch=batch)
     return WorkerConfig(pool, engine, threads, store, pearl, drafter_bundle)
 
 
@@ -86,7 +90,7 @@ class DecodeWorker:
         if cfg.pearl is not None:
             self.engine.resources["pearl_config"] = _placed(cfg.pearl, cfg.drafter_bundle)
         self.counters = WorkerCounters()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decode-{cfg.pool}")
+        self._setup = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"setup-{cfg.pool}")
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.cfg.pool, tuple(self.engine.available_methods()), self.engine.target.max_context,
@@ -95,12 +99,17 @@ class DecodeWorker:
     def __del__(self) -> None:   # Serve calls it on graceful replica shutdown
         if getattr(self, "tables", None) is not None:
             self.tables.close()
+        if getattr(self, "engine", None) is not None:
+            self.engine.close()
 
     def ping(self) -> str:
         return self.cfg.pool
 
     def stats(self) -> WorkerCounters:
-        return self.counters
+        m, load = self.engine.scheduler.metrics, self.engine.scheduler.load
+        c = self.counters
+        c.running, c.waiting, c.steps, c.tokens_scored = load["running"], load["waiting"], m.steps, m.tokens_scored
+        return c
 
     def table_stats(self) -> dict | None:
         return self.tables.stats() if self.tables is not None else None
@@ -116,24 +125,50 @@ class DecodeWorker:
     async def stream(self, request: Request, request_id: str = "") -> AsyncIterator[Chunk | Result]:
         """Chunks as tokens are verified, then one Result (call with `handle.options(stream=True)`)."""
         loop = asyncio.get_running_loop()
-        steps: Iterator[Chunk | Result] = self.engine.stream(request)
-        key = request_id or str(id(steps))
+        events: asyncio.Queue = asyncio.Queue()
+        t_start = time.perf_counter()
+        setup = loop.run_in_executor(self._setup, self.engine.submit, request, _sink(loop, events))
+        try:
+            s = await asyncio.shield(setup)
+        except asyncio.CancelledError:   # the caller left during setup: the request must not run unconsumed
+            setup.add_done_callback(lambda f: f.exception() is None and self.engine.cancel(f.result()))
+            raise
+        except Exception:
+            self.counters.started += 1
+            self.counters.failed += 1
+            raise
+        out = self.engine.output(request, s, t_start)
+        key = request_id or str(id(s))
         self.counters.started += 1
         self.counters.active.add(key)
-        outcome = "cancelled"   # unless it finishes or fails: cancelled by the caller (CancelledError or aclose)
+        outcome, ended = "cancelled", False   # unless it finishes or fails: cancelled by the caller
         try:
-            while (item := await loop.run_in_executor(self._executor, next, steps, _END)) is not _END:
+            while not ended:
+                kind, value = await events.get()
+                if kind == "tokens":
+                    yield out.push(value)
+                    if out.stopped:
+                        break
+                elif kind == "error":
+                    ended, outcome = True, "failed"
+                    raise value
+                else:
+                    ended = True
+            for item in out.finish():
                 if isinstance(item, Result):
                     self.counters.tokens += len(item.token_ids)
                     outcome = "finished"
                 yield item
-        except Exception:
-            outcome = "failed"
-            raise
         finally:
+            if not ended:
+                self.engine.cancel(s)
             self.counters.active.discard(key)
             setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
-            self._executor.submit(steps.close)   # after any in-flight step, on the same thread
+
+
+def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+    """The step loop's events onto the caller's event loop (raises once that loop is closed: the loop cancels)."""
+    return lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
 
 
 def _placed(pearl: PearlConfig, bundle: int | None) -> PearlConfig:

@@ -250,10 +250,10 @@ def test_pruned_sampled_draft_stays_lossless(ab_c):
     q[[t["a"], t["x"]]] = 0.5
     gen = torch.Generator().manual_seed(0)
     counts, trials = Counter(), 4000
-    for _ in range(trials):
+    for seed in range(trials):
         x = int(torch.multinomial(q, 1, generator=gen))
         draft = c.restrict(Draft([x], q[None]), params)
-        verdict = verify(c.mask(logits[: len(draft.tokens) + 1], draft, params), draft, params, gen)
+        verdict = verify(c.mask(logits[: len(draft.tokens) + 1], draft, params), draft, params, seed=seed)
         counts[verdict.emitted[0]] += 1
     assert set(counts) == {t["a"], t["b"]}
     assert abs(counts[t["a"]] / trials - 0.5) < 0.04, counts

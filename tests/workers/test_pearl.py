@@ -34,14 +34,13 @@ def _generate(engine, method: str, prompt: str, params: SamplingParams = GREEDY)
 
 def _run(target, drafter, params, prompt, seed=None, cfg=None, generator_seed=0):
     """One request through decode() directly: (emitted tokens, stats, proposer)."""
-    generator = torch.Generator().manual_seed(generator_seed)
     capacity = len(prompt) + params.max_tokens + 9
     session = target.session(capacity)
     resources = {"pearl_config": cfg} if cfg else {}
-    ctx = ArmContext(target=target, params=params, generator=generator, drafter=drafter, target_session=session,
+    ctx = ArmContext(target=target, params=params, seed=generator_seed, drafter=drafter, target_session=session,
                      resources=resources)
     proposer, stats = build("pearl", ctx), DecodeStats()
-    out = [t for step in decode(session, proposer, prompt, params, generator, frozenset(), capacity, 8, stats)
+    out = [t for step in decode(session, proposer, prompt, params, generator_seed, frozenset(), capacity, 8, stats)
            for t in step]
     return out, stats, proposer
 

@@ -84,25 +84,22 @@ def test_budget_and_eos_together():
 
 def test_one_hot_draft_is_always_accepted_where_target_is_certain():
     p = _prob_logits([[0, 1, 0, 0], [0, 0, 1, 0], [0.25, 0.25, 0.25, 0.25]])
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        verdict = verify(p, Draft([1, 2]), SAMPLED, gen)
+    for seed in range(50):
+        verdict = verify(p, Draft([1, 2]), SAMPLED, seed=seed)
         assert verdict.accepted == 2 and verdict.emitted[:2] == [1, 2]
 
 
 def test_one_hot_draft_is_never_accepted_where_target_gives_zero():
     p = _prob_logits([[0.5, 0, 0.5, 0], [0.25, 0.25, 0.25, 0.25]])
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        verdict = verify(p, Draft([1]), SAMPLED, gen)
+    for seed in range(50):
+        verdict = verify(p, Draft([1]), SAMPLED, seed=seed)
         assert verdict.accepted == 0 and verdict.emitted[0] in (0, 2)
 
 
 def _first_token_counts(p_logits: torch.Tensor, draft: Draft, n: int, params=SAMPLED) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1234)
     counts = torch.zeros(p_logits.shape[-1])
-    for _ in range(n):
-        counts[verify(p_logits, draft, params, gen).emitted[0]] += 1
+    for seed in range(n):
+        counts[verify(p_logits, draft, params, seed=1234 + seed).emitted[0]] += 1
     return counts
 
 
@@ -127,9 +124,9 @@ def test_soft_draft_leaves_first_token_distributed_as_target():
     logits = _prob_logits([probs.tolist(), [0.2] * 5])
     gen = torch.Generator().manual_seed(7)
     counts = torch.zeros(5)
-    for _ in range(4000):
+    for seed in range(4000):
         x = int(torch.multinomial(q, 1, generator=gen))
-        counts[verify(logits, Draft([x], q[None]), SAMPLED, gen).emitted[0]] += 1
+        counts[verify(logits, Draft([x], q[None]), SAMPLED, seed=seed).emitted[0]] += 1
     assert _p_value(counts, probs) > ALPHA
 
 
@@ -155,9 +152,9 @@ def test_draft_probs_with_a_padded_vocab_are_aligned_by_token_id():
 def test_sampled_verdict_is_consistent():
     logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
     gen = torch.Generator().manual_seed(5)
-    for _ in range(200):
+    for seed in range(200):
         draft = Draft(torch.randint(0, 16, (3,), generator=gen).tolist())
-        verdict = verify(logits, draft, SAMPLED, gen)
+        verdict = verify(logits, draft, SAMPLED, seed=seed)
         assert 0 <= verdict.accepted <= 3
         assert verdict.emitted[: verdict.accepted] == draft.tokens[: verdict.accepted]
         assert len(verdict.emitted) == verdict.accepted + 1
@@ -165,22 +162,18 @@ def test_sampled_verdict_is_consistent():
             assert verdict.emitted[-1] != draft.tokens[verdict.accepted]
 
 
-def test_one_hot_draft_uses_one_draw_per_emitted_token_like_ar():
+def test_one_hot_draft_emits_the_targets_own_draw_like_ar():
     """So a seeded request emits what AR would, whatever a deterministic arm drafts (shared tables included)."""
     logits = torch.randn(5, 6, generator=torch.Generator().manual_seed(8))
-    p = logits.softmax(-1)
     for seed in range(30):
-        gen = torch.Generator().manual_seed(seed)
-        ar = [int(torch.multinomial(p[i], 1, generator=gen)) for i in range(5)]
+        ar = [verify(logits[i: i + 1], Draft([]), SAMPLED, seed=seed, position=i).emitted[0] for i in range(5)]
         for draft in ([], ar[:4], ar[:2] + [(ar[2] + 1) % 6], [(ar[0] + 1) % 6, 3]):
-            verdict = verify(logits[: len(draft) + 1], Draft(draft), SAMPLED, torch.Generator().manual_seed(seed))
+            verdict = verify(logits[: len(draft) + 1], Draft(draft), SAMPLED, seed=seed)
             assert verdict.emitted == ar[: len(verdict.emitted)], (seed, draft, verdict)
 
 
-def test_same_generator_seed_gives_same_verdicts():
+def test_same_seed_gives_same_verdicts():
     logits = torch.randn(4, 16, generator=torch.Generator().manual_seed(6))
-    runs = []
-    for _ in range(2):
-        gen = torch.Generator().manual_seed(99)
-        runs.append([verify(logits, Draft([1, 2, 3]), SAMPLED, gen) for _ in range(20)])
+    runs = [[verify(logits, Draft([1, 2, 3]), SAMPLED, seed=99 + i) for i in range(20)] for _ in range(2)]
     assert runs[0] == runs[1]
+    assert len({tuple(v.emitted) for v in runs[0]}) > 1

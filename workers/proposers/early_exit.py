@@ -7,8 +7,9 @@ scores the same positions. The shared model and its config are never touched.
 
 Per request the arm picks the exit L and the draft length k that maximise expected tokens per unit of cost,
 from per-exit acceptance tracked as it decodes (optimistic estimates, so every candidate exit gets tried).
-Not yet done: the verification forward recomputes the first L layers of `last` instead of continuing from the
-draft's hidden state.
+Batched: `propose_batch` drafts for every early_exit request of a step at once, one L-layer forward per position
+for all requests that chose exit L. Not yet done: the verification forward recomputes the first L layers of
+`last` instead of continuing from the draft's hidden state.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from ..draft_length import best_length, tokens_per_cost
+from ..kv import Item, forward_batch
 from ..model import Session
 from ..registry import ArmContext, register
-from ..sampling import probs_from_logits, sample
+from ..sampling import DRAFT, Noise, probs_from_logits, race
 from ..types import Draft, RequestError, SamplingParams, Verdict
 
 
@@ -66,39 +68,20 @@ def plan(accepted: dict[int, int], rejected: dict[int, int], num_layers: int, k_
 
 
 class EarlyExitProposer:
-    def __init__(self, session: Session, num_layers: int, params: SamplingParams, generator,
+    def __init__(self, session: Session, num_layers: int, params: SamplingParams, seed: int,
                  cfg: EarlyExitConfig) -> None:
         exits = cfg.exit_layers or default_exits(num_layers)
         if not exits or any(not 1 <= e < num_layers for e in exits):
             raise RequestError(f"early_exit needs exits in 1..{num_layers - 1}, got {exits}")
         self.session, self.num_layers, self.cfg = session, num_layers, cfg
-        self.params, self.generator = params, generator
+        self.params, self.seed = params, seed
+        self.noise = Noise(getattr(getattr(session.pool, "m", None), "device", "cpu"))
         self.accepted = dict.fromkeys(exits, 0)    # per exit: draft tokens accepted
         self.rejected = dict.fromkeys(exits, 0)    # per exit: drafts cut by a rejection
         self.layer, self.drafted, self.steps = 0, 0, 0
 
     def propose(self, seq: list[int], k: int) -> Draft:
-        layer, k = plan(self.accepted, self.rejected, self.num_layers, min(k, self.cfg.k_max), self.cfg, self.steps)
-        self.layer, self.drafted, self.steps = layer, 0, self.steps + 1
-        if k <= 0:
-            return Draft([])
-        start = self.session.length
-        if start != len(seq) - 1:
-            raise RuntimeError(f"target cache holds {start} tokens, expected {len(seq) - 1}")
-        tokens, rows, last = [], [], seq[-1]
-        try:
-            for _ in range(k):
-                logits = self.session.forward([last], exit_layer=layer)[-1]          # [V]
-                if self.params.greedy:
-                    last = int(logits.argmax())
-                else:
-                    rows.append(probs_from_logits(logits, self.params))              # [V]
-                    last = sample(rows[-1], self.generator)
-                tokens.append(last)
-        finally:
-            self.session.rollback(start)  # the verification forward rewrites every position drafted here
-        self.drafted = len(tokens)
-        return Draft(tokens, torch.stack(rows) if rows else None)
+        return propose_batch([self], [seq], [k])[0]
 
     def observe(self, seq: list[int], verdict: Verdict) -> None:
         if self.drafted:
@@ -111,14 +94,56 @@ class EarlyExitProposer:
                 else math.nan for e in self.accepted}
 
 
+def propose_batch(proposers: list[EarlyExitProposer], seqs: list[list[int]], ks: list[int]) -> list[Draft]:
+    """Drafts of every early_exit request of a step: per exit layer, one forward per position over its requests."""
+    plans = []
+    for p, k in zip(proposers, ks):
+        layer, k = plan(p.accepted, p.rejected, p.num_layers, min(k, p.cfg.k_max), p.cfg, p.steps)
+        p.layer, p.drafted, p.steps = layer, 0, p.steps + 1
+        plans.append((layer, k))
+    for p, seq in zip(proposers, seqs):
+        if p.session.length != len(seq) - 1:
+            raise RuntimeError(f"target cache holds {p.session.length} tokens, expected {len(seq) - 1}")
+    tokens: list[list[int]] = [[] for _ in proposers]
+    rows: list[list[torch.Tensor]] = [[] for _ in proposers]
+    try:
+        for layer in sorted({layer for layer, k in plans if k > 0}):
+            group = [i for i, (l, k) in enumerate(plans) if l == layer and k > 0]
+            last = {i: seqs[i][-1] for i in group}
+            for depth in range(max(plans[i][1] for i in group)):
+                live = [i for i in group if depth < plans[i][1]]
+                logits = forward_batch([Item(proposers[i].session, [last[i]]) for i in live], exit_layer=layer)
+                picked = []
+                for i, lg in zip(live, logits):
+                    p = proposers[i]
+                    if p.params.greedy:
+                        picked.append(lg[-1].argmax())
+                    else:
+                        rows[i].append(probs_from_logits(lg[-1], p.params))                # [V]
+                        e = p.noise.rows(p.seed, [len(seqs[i]) + depth], rows[i][-1].shape[-1], DRAFT)[0]
+                        picked.append(race(rows[i][-1], e))
+                for i, t in zip(live, torch.stack(picked).tolist()):                     # one sync per position
+                    tokens[i].append(t)
+                    last[i] = t
+    finally:
+        for p, seq in zip(proposers, seqs):
+            p.session.rollback(len(seq) - 1)  # the verification forward rewrites every position drafted here
+    drafts = []
+    for p, t, r in zip(proposers, tokens, rows):
+        p.drafted = len(t)
+        drafts.append(Draft(t, torch.stack(r) if r else None))
+    return drafts
+
+
+EarlyExitProposer.propose_batch = staticmethod(propose_batch)
+
+
 @register("early_exit", description="self-speculation: the target's first L layers draft, L and k chosen per request")
 def build(ctx: ArmContext) -> EarlyExitProposer:
     if ctx.target_session is None:
         raise RequestError("early_exit drafts in the request's target cache, which this worker did not provide")
-    try:  # a model that cannot exit early says so on a throwaway one-position session
-        ctx.target.session(1).forward([0], exit_layer=1)
-    except (ValueError, NotImplementedError, TypeError) as exc:
-        raise RequestError(f"early_exit needs a target that can exit early (the lean Llama forward): {exc}") from exc
+    if not getattr(ctx.target_session.pool, "num_layers", 0):  # HF's forward runs every layer
+        raise RequestError("early_exit needs a target that can exit early (the lean Llama forward)")
     if ctx.target.num_layers < 2:
         raise RequestError("early_exit needs a target with at least 2 layers")
-    return EarlyExitProposer(ctx.target_session, ctx.target.num_layers, ctx.params, ctx.generator, EarlyExitConfig())
+    return EarlyExitProposer(ctx.target_session, ctx.target.num_layers, ctx.params, ctx.seed, EarlyExitConfig())

@@ -31,6 +31,7 @@ from ..pearl import Drafter, DrafterPool, PearlConfig, pool_for
 from ..pearl_channel import (D_END, D_EPOCH, D_STEP_NS, D_TRACE_N, M_COMMITTED, M_EPOCH, M_REQ, M_RUN, N_TRACE,
                              DrafterGone, wait_for)
 from ..registry import ArmContext, register
+from ..sampling import DRAFT, row_seed
 from ..types import Draft, SamplingParams, Verdict
 
 
@@ -177,9 +178,7 @@ class PearlProposer:
 def build(ctx: ArmContext) -> PearlProposer:
     cfg = ctx.resources.get("pearl_config") or PearlConfig()
     pool = pool_for(ctx.drafter, cfg)
-    seed = 0
-    if not ctx.params.greedy and ctx.generator is not None:  # one draw: the drafter's seed follows the request's
-        seed = int(torch.randint(0, 2**62, (), generator=ctx.generator))
+    seed = row_seed(ctx.seed, 0, DRAFT) if not ctx.params.greedy else 0   # the drafter's seed follows the request's
     drafter, unavailable = None, "every pearl drafter is serving another request"
     try:
         drafter = pool.lease()

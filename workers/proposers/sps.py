@@ -5,6 +5,10 @@ step relative to a verification (timed as it decodes under greedy decoding, so i
 load; a configured prior under sampling, so seeds reproduce):
 the k with the most expected tokens per unit of cost. Within a step the drafter also stops early when its own
 distribution is too flat to be trusted (SVIP-style entropy bound).
+
+Batched: `propose_batch` drafts for every sps request of a step at once, one drafter forward per draft position
+over all requests still drafting (their caches are slots of the replica's drafter pool), with one host sync per
+position for the whole batch.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ import torch
 
 from ..draft_length import Acceptance, best_length, decayed_mean
 from ..drafter_cache import DrafterCache
+from ..kv import Item, SlotSession, forward_batch
 from ..model import Model
 from ..registry import ArmContext, register
-from ..sampling import probs_from_logits, sample
+from ..sampling import DRAFT, Noise, probs_from_logits, race
 from ..types import Draft, SamplingParams, Verdict
 
 
@@ -39,9 +44,11 @@ def entropy(probs: torch.Tensor) -> float:
 
 
 class SpsProposer:
-    def __init__(self, drafter: Model, params: SamplingParams, generator, cfg: SpsConfig, capacity: int) -> None:
-        self.cache = DrafterCache(drafter, capacity)
-        self.params, self.generator, self.cfg = params, generator, cfg
+    def __init__(self, drafter: Model | None, params: SamplingParams, seed: int, cfg: SpsConfig, capacity: int,
+                 session: SlotSession | None = None) -> None:
+        self.cache = DrafterCache(drafter, capacity, session)
+        self.params, self.seed, self.cfg = params, seed, cfg
+        self.noise = Noise(drafter.device if drafter is not None else "cpu")
         self.acceptance = Acceptance(prior=cfg.prior_accept, decay=cfg.decay)
         self.step_s = self.verify_s = None       # decayed means: one drafter step; one verification
         self.drafted, self.proposed_at, self.steps = 0, None, 0
@@ -51,31 +58,14 @@ class SpsProposer:
         """Draft length for the next step.
 
         Measured timings steer k only under greedy decoding, where k cannot change the output; a sampled request
-        uses `prior_cost`, so its draft lengths (and with them its random draws) depend on the seed alone and a
-        fixed seed reproduces the same text.
+        uses `prior_cost`, so its draft lengths depend on its tokens alone.
         """
         timed = self.params.greedy and self.step_s is not None and self.verify_s is not None
         cost = self.step_s / self.verify_s if timed else self.cfg.prior_cost
         return best_length(self.acceptance.alpha, cost, self.cfg.k_max)
 
     def propose(self, seq: list[int], k: int) -> Draft:
-        tokens, rows, ctx = [], [], list(seq)
-        t0 = time.perf_counter()
-        while len(tokens) < min(k, self.k):
-            logits, _ = self.cache.logits_after(ctx)                           # [V]
-            q = probs_from_logits(logits, self.params)                         # [V]
-            token = int(q.argmax()) if self.params.greedy else sample(q, self.generator)
-            tokens.append(token)
-            rows.append(q)
-            ctx.append(token)
-            # The drafter's own (temperature 1) confidence decides whether another drafter forward pays.
-            if entropy(logits.softmax(-1)) > self.cfg.entropy_stop_nats:
-                break
-        self.drafted, self.proposed_at = len(tokens), time.perf_counter()
-        self.steps += 1
-        if tokens and self.steps > 1:  # the first step also prefills the drafter with the prompt: not a step's cost
-            self.step_s = decayed_mean(self.step_s, (self.proposed_at - t0) / len(tokens), self.cfg.decay)
-        return Draft(tokens, None if self.params.greedy or not rows else torch.stack(rows))
+        return propose_batch([self], [seq], [k])[0]
 
     def observe(self, seq: list[int], verdict: Verdict) -> None:
         if self.proposed_at is None:  # a step this arm did not draft (e.g. tokens a grammar forced)
@@ -86,7 +76,64 @@ class SpsProposer:
             self.acceptance.update(verdict.accepted, self.drafted)
         self.drafted, self.proposed_at = 0, None
 
+    def close(self) -> None:
+        """Request end: the drafter slot goes back to the pool now."""
+        self.cache.release()
+
+    def _took(self, tokens: list[int], step_s: float) -> None:
+        self.drafted, self.proposed_at = len(tokens), time.perf_counter()
+        self.steps += 1
+        if tokens and self.steps > 1:  # the first step also prefills the drafter with the prompt: not a step's cost
+            self.step_s = decayed_mean(self.step_s, step_s, self.cfg.decay)
+
+
+def propose_batch(proposers: list[SpsProposer], seqs: list[list[int]], ks: list[int]) -> list[Draft]:
+    """Drafts of every sps request of a step: one drafter forward per position over the requests still drafting."""
+    want = [min(k, p.k) if k > 0 else 0 for p, k in zip(proposers, ks)]
+    ctx = [list(seq) for seq in seqs]
+    tokens: list[list[int]] = [[] for _ in proposers]
+    rows: list[list[torch.Tensor]] = [[] for _ in proposers]
+    room = [p.cache.session.capacity for p in proposers]       # a drafter context shorter than the target's
+    active = [i for i, w in enumerate(want) if w > 0 and len(ctx[i]) <= room[i]]
+    t0, positions = time.perf_counter(), 0
+    while active:
+        feed = [proposers[i].cache.pending(ctx[i]) for i in active]
+        logits = forward_batch([Item(proposers[i].cache.session, new, rows="last")
+                                for i, new in zip(active, feed)])
+        last = torch.cat(logits)                                               # [A, V]
+        picked = []
+        for j, i in enumerate(active):
+            p = proposers[i]
+            p.cache.fed_up(feed[j])
+            q = probs_from_logits(last[j], p.params)                           # [V]
+            rows[i].append(q)
+            picked.append(q.argmax() if p.params.greedy else
+                          race(q, p.noise.rows(p.seed, [len(ctx[i])], q.shape[-1], DRAFT)[0]))
+        # The drafter's own (temperature 1) confidence decides whether another drafter forward pays.
+        flat = torch.cat([torch.stack(picked).float(), torch.special.entr(last.softmax(-1)).sum(-1)]).tolist()
+        positions += 1
+        still = []
+        for j, i in enumerate(active):
+            token = int(flat[j])
+            tokens[i].append(token)
+            ctx[i].append(token)
+            if (len(tokens[i]) < want[i] and flat[len(active) + j] <= proposers[i].cfg.entropy_stop_nats
+                    and len(ctx[i]) <= room[i]):
+                still.append(i)
+        active = still
+    step_s = (time.perf_counter() - t0) / max(positions, 1)
+    drafts = []
+    for p, t, r in zip(proposers, tokens, rows):
+        p._took(t, step_s)
+        drafts.append(Draft(t, None if p.params.greedy or not r else torch.stack(r)))
+    return drafts
+
+
+SpsProposer.propose_batch = staticmethod(propose_batch)
+
 
 @register("sps", requires=("drafter",), description="draft-model speculation with entropy-bounded, adaptive draft length")
 def build(ctx: ArmContext) -> SpsProposer:
-    return SpsProposer(ctx.drafter, ctx.params, ctx.generator, SpsConfig(), capacity=ctx.target.max_context)
+    capacity = ctx.target.max_context
+    session = ctx.drafter_pool.session(capacity) if ctx.drafter_pool is not None else None
+    return SpsProposer(ctx.drafter, ctx.params, ctx.seed, SpsConfig(), capacity, session)
