@@ -17,6 +17,7 @@ from ray.serve import Application
 
 from metaspec.selector.rules import specs_from_registry
 from metaspec.workers.pearl import PearlConfig
+from metaspec.workers.scheduler import SchedulerConfig
 from metaspec.workers.store import RedisConfig, StoreConfig
 from metaspec.workers.worker import DecodeWorker, worker_config
 
@@ -118,11 +119,18 @@ def _worker(pool: PoolSpec) -> Application:
     own = pool.drafter_bundle is not None
     pearl = PearlConfig(runner="process", drafter_device=pool.drafter_device) if own else None
     cfg = worker_config(pool.name, pool.target, pool.drafter, pool.tokenizer, pool.dtype, pool.device, pool.threads,
-                        pool.k_max, store_config(pool.tables), pearl, pool.drafter_bundle)
+                        pool.k_max, store_config(pool.tables), pearl, pool.drafter_bundle, batch=batch_config(pool))
     return DecodeWorker.options(name=f"DecodeWorker-{pool.name}", num_replicas=pool.num_replicas,
                                 max_ongoing_requests=pool.max_ongoing_requests,
                                 max_queued_requests=pool.max_queued_requests, ray_actor_options=actor,
                                 **group).bind(cfg)
+
+
+def batch_config(pool: PoolSpec) -> SchedulerConfig:
+    """The replica's step-loop settings from its pool's."""
+    return SchedulerConfig(max_batch=pool.max_batch, slot_tokens=pool.slot_tokens, kv_mem_gb=pool.kv_mem_gb,
+                           prefill_chunk=pool.prefill_chunk, step_tokens=pool.step_tokens,
+                           max_waiting=pool.max_waiting)
 
 
 def store_config(tables: TablesSpec | None) -> StoreConfig | None:

@@ -25,6 +25,7 @@ from metaspec.cluster.placement import pool_placement
 from metaspec.cluster.profiles import DEFAULT_PROFILES, HardwareProfile, load_profiles
 
 CHECKPOINTS = Path(metaspec.__file__).resolve().parent / "checkpoints"   # the shipped target and drafter
+BATCH_HEADROOM = 4   # a pool's default max_ongoing_requests is max_batch + this: requests in setup beside the batch
 
 
 # ---- the frozen dataclasses the code uses ---------------------------------------------------------------------
@@ -52,8 +53,15 @@ class PoolSpec:
     device: str = "cpu"                         # torch device inside the replica
     threads: int = 1                            # torch intra-op threads per replica
     k_max: int = 8                              # longest draft per step
+    max_batch: int = 16                         # requests one replica's step loop decodes at once (its KV slots)
+    prefill_chunk: int = 256                    # prompt tokens one request prefills per step
+    step_tokens: int = 2048                     # tokens one step may score (decoding requests first, then prefill)
+    kv_mem_gb: float | None = None              # cap on the replica's KV pool (fewer slots if it binds); None = none
+    slot_tokens: int | None = None              # cache positions per slot; None = the target's context window
+    max_waiting: int = 256                      # requests waiting for a KV slot before RESOURCE_EXHAUSTED
     num_replicas: int = 1                       # replicas of this pool
-    max_ongoing_requests: int = 4               # requests one replica interleaves (decode steps round-robin)
+    max_ongoing_requests: int = 16 + BATCH_HEADROOM   # requests Serve hands one replica (max_batch + headroom:
+                                                # the batch fills while a few more are set up, tokenized, compiled)
     max_queued_requests: int = 16               # per caller; beyond this the router answers RESOURCE_EXHAUSTED
     hardware: dict[str, Any] = field(default_factory=dict)       # profile the selector sees (accelerator...)
     num_cpus: float | None = None               # Ray CPUs per replica; None = threads
@@ -148,8 +156,15 @@ class PoolModel(BaseModel):
     device: str | None = None                   # None = the profile's ("cuda" on a GPU), else cpu
     threads: int = Field(default=1, ge=1)
     k_max: int = Field(default=8, ge=1, le=64)
+    # the replica's step loop (workers.scheduler.SchedulerConfig; the defaults are its own)
+    max_batch: int = Field(default=16, ge=1)
+    prefill_chunk: int = Field(default=256, ge=1)
+    step_tokens: int = Field(default=2048, ge=1)
+    kv_mem_gb: float | None = Field(default=None, gt=0)
+    slot_tokens: int | None = Field(default=None, ge=16)
+    max_waiting: int = Field(default=256, ge=0)
     num_replicas: int = Field(default=1, ge=1)
-    max_ongoing_requests: int = Field(default=4, ge=1)
+    max_ongoing_requests: int | None = Field(default=None, ge=1)   # None = max_batch + BATCH_HEADROOM
     max_queued_requests: int = Field(default=16, ge=-1)
     hardware: dict[str, str | float] = Field(default_factory=dict)
     num_cpus: float | None = Field(default=None, ge=0)
@@ -172,6 +187,8 @@ class PoolModel(BaseModel):
         fields = self.model_dump(exclude={"target", "drafter", "tables", "pearl_drafter", "device", "num_gpus",
                                           "resources", "hardware"})
         tables = self.tables.to_spec() if self.tables is not None else None
+        if self.max_ongoing_requests is None:
+            fields["max_ongoing_requests"] = self.max_batch + BATCH_HEADROOM
         return PoolSpec(target=target, drafter=drafter, tables=tables, **fields,
                         device=self.device or (prof.device if prof else "cpu"), num_gpus=placed.num_gpus,
                         resources=placed.resources, hardware=hardware | self.hardware,

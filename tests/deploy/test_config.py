@@ -10,7 +10,8 @@ import yaml
 from pydantic import ValidationError
 
 from metaspec.deploy.app import DEFAULT_YAML, GRPC_SERVICER, LOW_LATENCY_ENV, build_app, load_serve_file, local_cpus
-from metaspec.deploy.config import CHECKPOINTS, RouterSpec, hash_api_key, load_app_config
+from metaspec.deploy.config import (BATCH_HEADROOM, CHECKPOINTS, PoolModel, PoolSpec, RouterSpec, hash_api_key,
+                                    load_app_config)
 
 
 def test_defaults_point_at_the_shipped_checkpoints():
@@ -86,7 +87,7 @@ def test_build_app_binds_one_worker_deployment_per_pool(tmp_path):
     assert set(built) == {"Router", "DecodeWorker-a", "DecodeWorker-b"}
     assert built["DecodeWorker-a"].ray_actor_options["num_cpus"] == 2
     assert built["DecodeWorker-b"].ray_actor_options["num_cpus"] == 0.5
-    assert built["DecodeWorker-a"].max_ongoing_requests == 4
+    assert built["DecodeWorker-a"].max_ongoing_requests == 16 + BATCH_HEADROOM     # the batch can fill
     spread = build_app({"router": {"num_replicas": 3, "max_replicas_per_node": 1}})
     router = {d.name: d for d in serve_build(spread, name="metaspec").deployments}["Router"]
     assert router.num_replicas == 3 and router._replica_config.max_replicas_per_node == 1
@@ -117,3 +118,47 @@ def test_controller_settings_in_the_yaml_reach_serve_options(tmp_path):
     _, opts = load_serve_file(path)
     assert not opts.direct_ingress and (opts.grpc_port, opts.fallback_grpc_port) == (9100, 9100)
     assert "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT" not in opts.serve_env()
+
+
+BATCH_FIELDS = ("max_batch", "prefill_chunk", "step_tokens", "kv_mem_gb", "slot_tokens", "max_waiting")
+
+
+def test_batch_defaults_are_the_schedulers_own():
+    from metaspec.workers.scheduler import SchedulerConfig
+
+    engine = SchedulerConfig()
+    model, spec = PoolModel(name="a"), PoolSpec(name="a", target="/t", drafter=None)
+    for name in BATCH_FIELDS:
+        assert getattr(model, name) == getattr(spec, name) == getattr(engine, name), name
+    pool = load_app_config({}).pools[0]
+    assert pool.max_ongoing_requests == spec.max_ongoing_requests == engine.max_batch + BATCH_HEADROOM
+
+
+def test_batch_settings_reach_the_worker_config():
+    from ray.serve._private.build_app import build_app as serve_build
+
+    batch = {"max_batch": 6, "prefill_chunk": 64, "step_tokens": 512, "kv_mem_gb": 0.5, "slot_tokens": 768,
+             "max_waiting": 9}
+    app = build_app({"pools": [{"name": "a", "target": "/t", **batch},
+                               {"name": "b", "target": "/t", "max_batch": 3, "max_ongoing_requests": 2}]})
+    built = {d.name: d for d in serve_build(app, name="metaspec").deployments}
+    (cfg,) = built["DecodeWorker-a"].init_args
+    assert {k: getattr(cfg.engine.batch, k) for k in BATCH_FIELDS} == batch
+    assert built["DecodeWorker-a"].max_ongoing_requests == 6 + BATCH_HEADROOM   # sized from max_batch
+    assert built["DecodeWorker-b"].max_ongoing_requests == 2                    # an explicit value stays
+    assert built["DecodeWorker-b"].init_args[0].engine.batch.max_batch == 3
+
+
+@pytest.mark.parametrize("field, value", [("max_batch", 0), ("prefill_chunk", 0), ("step_tokens", 0),
+                                          ("kv_mem_gb", 0), ("slot_tokens", 8), ("max_waiting", -1)])
+def test_bad_batch_settings_are_refused(field, value):
+    with pytest.raises(ValidationError, match=field):
+        load_app_config({"pools": [{"name": "a", field: value}]})
+
+
+@pytest.mark.parametrize("path", [DEFAULT_YAML, DEFAULT_YAML.parents[1] / "cluster" / "serve.yaml"])
+def test_shipped_yamls_let_the_batch_fill(path):
+    for pool in yaml.safe_load(path.read_text())["applications"][0]["args"]["pools"]:
+        spec = PoolModel.model_validate(pool)
+        ongoing = spec.max_ongoing_requests or spec.max_batch + BATCH_HEADROOM
+        assert ongoing >= spec.max_batch, pool["name"]
