@@ -196,7 +196,7 @@ def run_constraint_bench(cfg: ConstraintBenchConfig) -> dict:
 def _machine(engine: Engine) -> dict:
     import platform
 
-    from metaspec.bench import cpu_model
+    from metaspec.bench.arms import cpu_model
 
     return {"cpu_model": cpu_model(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

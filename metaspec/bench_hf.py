@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from metaspec.bench import BenchConfig, Runner, RunOutput
+from metaspec.bench.arms import BenchConfig, Runner, RunOutput
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

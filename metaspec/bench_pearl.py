@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from metaspec.bench import cpu_model, tokenize
+from metaspec.bench.arms import cpu_model, tokenize
 from metaspec.bench_generate import DEFAULT_CHECKPOINTS, GenerateConfig, local_engine
 from metaspec.prompts import find_data_dir, load_prompts, sample_prompts
 from metaspec.workers.decode import decode

@@ -104,7 +104,7 @@ def _generate_error(args, exc: BaseException) -> int:
 
 
 def _bench(args) -> int:
-    from metaspec.bench import BenchConfig, default_out_dir, run_bench, write_outputs
+    from metaspec.bench.arms import BenchConfig, default_out_dir, run_bench, write_outputs
     from metaspec.bench_report import format_tables
 
     _quiet_loading()
@@ -186,6 +186,76 @@ def _add_bench(sub) -> None:
     p.add_argument("--constraints", action="store_true", help="JSON Schema-constrained decoding on JSONSchemaBench "
                    "(--categories = subsets, --n-per-category = schemas per subset)")
     p.set_defaults(func=_bench)
+    _add_bench_serve(p.add_subparsers(dest="bench_command", required=False, metavar="{serve}"))
+
+
+def _ints(value: str | None) -> tuple[int, ...] | None:
+    return tuple(int(v) for v in _csv(value)) if value else None
+
+
+def _bench_serve(args) -> int:
+    from metaspec.bench.backends import EngineSpec
+    from metaspec.bench.serve import ServeConfig, default_out_dir, format_result, run_serve, write_outputs
+
+    _quiet_loading()
+    try:
+        levels = _ints(args.concurrency)
+        top = args.max_concurrency or args.num_prompts if args.request_rate else max(levels)
+        spec = EngineSpec(target=args.target, drafter=_drafter(args.drafter), dtype=args.dtype, threads=args.threads,
+                          max_batch=args.max_batch or top,
+                          slot_tokens=args.slot_tokens or args.max_prompt_tokens + args.max_tokens + 16)
+        cfg = ServeConfig(
+            backend=args.backend, engine=spec, server=args.server, base_url=args.base_url, model=args.model,
+            api_key=args.api_key, methods=_csv(args.methods), concurrency=levels, request_rate=args.request_rate,
+            max_concurrency=args.max_concurrency, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
+            ignore_eos=not args.stop_at_eos, repeats=args.repeats, categories=_csv(args.categories),
+            max_prompt_tokens=args.max_prompt_tokens, seed=args.seed, data_dir=args.data_dir,
+            compare_hf=args.compare_hf, hf_concurrency=_ints(args.hf_concurrency), baseline_ref=args.baseline_ref,
+            baseline_concurrency=_ints(args.baseline_concurrency))
+        result = run_serve(cfg)
+    except (ValueError, OSError, RuntimeError) as exc:   # bad options, missing checkpoints/data, a dead baseline
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    paths = write_outputs(result, Path(args.out) if args.out else default_out_dir())
+    print(format_result(result))
+    print("\n" + "  ".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0
+
+
+def _add_bench_serve(sub) -> None:
+    p = sub.add_parser("serve", help="throughput and latency under concurrent load (like `vllm bench serve`): "
+                                     "bench_serve.json, table, PNG")
+    _add_model_options(p)
+    p.set_defaults(threads=2)
+    p.add_argument("--backend", default="engine", choices=["engine", "grpc", "openai"],
+                   help="engine: in process; grpc: --server; openai: --base-url (streamed completions)")
+    p.add_argument("--server", default=None, metavar="HOST:PORT", help="gRPC service (--backend grpc)")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default="metaspec", help="model name for --backend openai")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--methods", default="ar", help="comma list of arms; 'auto' = no method (the service's "
+                   "selector; the engine backend's default arm)")
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma list: closed-loop clients per load level")
+    p.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second instead")
+    p.add_argument("--max-concurrency", type=int, default=None, help="in-flight cap with --request-rate")
+    p.add_argument("--num-prompts", type=int, default=64, help="requests per load (prompts mixed over categories)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (default: every request emits max-tokens)")
+    p.add_argument("--repeats", type=int, default=1, help="passes over every level and method (methods interleaved)")
+    p.add_argument("--categories", default=None, help="comma list of prompt categories (default: all)")
+    p.add_argument("--max-prompt-tokens", type=int, default=512, help="keep the last N prompt tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--max-batch", type=int, default=None, help="engine KV slots (default: the largest level)")
+    p.add_argument("--slot-tokens", type=int, default=None, help="cache positions per slot (default: "
+                   "max-prompt-tokens + max-tokens + 16)")
+    p.add_argument("--compare-hf", action="store_true", help="also HF transformers' generate_batch at each level")
+    p.add_argument("--hf-concurrency", default=None, help="comma list: levels HF runs at (default: all)")
+    p.add_argument("--baseline-ref", default=None, metavar="GITREF", help="also the same load on this commit's "
+                   "engine (e.g. 84ce1a3, the engine before batching)")
+    p.add_argument("--baseline-concurrency", default=None, help="comma list: levels the baseline runs at (default: all)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/bench-serve-<timestamp>)")
+    p.set_defaults(func=_bench_serve)
 
 
 def _collect(args) -> int:
