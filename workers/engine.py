@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .constraint import ConstraintConfig, ConstraintSpec, GrammarCompiler
+from .budget import CostCurve
 from .detokenize import Detokenizer
 from .model import Model, ModelConfig, load_model
 from .registry import ArmContext, arms, build
@@ -88,6 +89,8 @@ class Engine:
         self.pool = self.target.pool(slots, cfg.batch.slot_tokens)            # the replica's KV memory, once
         self.drafter_pool = self.drafter.pool(slots, cfg.batch.slot_tokens) if self.drafter else None
         self.scheduler = Scheduler(Noise(self.target.device), self.eos_ids, cfg.batch, cfg.k_max)
+        if cfg.batch.draft_budget:   # the forward's cost against tokens scored, on this replica's hardware
+            self.scheduler.curve = CostCurve.measure(self.pool, self.target.vocab_size)
         self._stop = threading.Event()
         self._loop = threading.Thread(target=self.scheduler.run, args=(self._stop,), daemon=True,
                                       name="metaspec-step-loop")
@@ -246,12 +249,21 @@ class Output:
         self.cut = _find_stop(self.text, self.stops, self.sent)
         if self.cut is not None:
             self.text, self.finish_reason = self.text[:self.cut], "stop"
+            self.out = self._through_stop(len(self.out) - len(emitted))
         elif self.out[-1] in self.eos_ids and not self.seq.params.ignore_eos:
             self.finish_reason = "stop"
         final = len(self.text) if self.finish_reason == "stop" else _stable_len(self.text, self.stops)
         chunk = Chunk(emitted, self.text[self.sent:final])
         self.sent = max(self.sent, final)
         return chunk
+
+    def _through_stop(self, before: int) -> list[int]:
+        """The output tokens up to the one that completes the stop string (a long draft may have run past it)."""
+        decode = self.engine.tokenizer.decode
+        for n in range(max(before, 1), len(self.out)):
+            if _find_stop(decode(self.out[:n], skip_special_tokens=True), self.stops, 0) is not None:
+                return self.out[:n]
+        return self.out
 
     def finish(self) -> Iterator[Chunk | Result]:
         if self.cut is None:                  # what the detokenizer held back (a character cut by the last token)

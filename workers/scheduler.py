@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .budget import Ask, CostCurve, default_curve, plan
+from .draft_length import Acceptance
 from .errors import QueueFull
 from .kv import Item, SlotSession, forward_batch
 from .proposers.ar import ARProposer
@@ -49,6 +51,7 @@ class SchedulerConfig:
     prefill_chunk: int = 256         # prompt tokens one request may prefill per step
     step_tokens: int = 2048          # tokens one step may score: decoding requests first, then prefill chunks
     max_waiting: int = 256           # requests waiting for a slot before QueueFull
+    draft_budget: bool = True        # cut drafts that do not pay for their share of the batch's forward (budget.py)
 
 
 @dataclass(eq=False)
@@ -68,6 +71,9 @@ class Sequence:
     seq: list[int] = field(default_factory=list)
     fed: int = 0                                # prompt tokens in the cache
     cancelled: bool = False
+    acceptance: Acceptance = field(default_factory=lambda: Acceptance(prior=0.6, decay=0.8))
+    soft_drafts: bool = False                   # its arm drafts with a distribution (never cut when sampled)
+    drafted_last: bool = False                  # its previous step carried a draft
     t_submit: float = field(default_factory=time.perf_counter)
     t_admit: float = 0.0
 
@@ -97,6 +103,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.metrics = StepMetrics()
+        self.curve: CostCurve = default_curve()     # the engine replaces it with one measured at start
         self._wake = threading.Condition()
 
     # --- the client side (any thread) ---------------------------------------------------------------------
@@ -158,7 +165,8 @@ class Scheduler:
     def _step(self) -> None:
         t0 = time.perf_counter()
         decoding = [s for s in self.running if not s.prefilling]
-        drafts, forced = self._propose(decoding)
+        loading = sum(min(self.cfg.prefill_chunk, len(s.prompt) - s.fed) for s in self.running if s.prefilling)
+        drafts, forced = self._propose(decoding, len(decoding) + min(loading, self.cfg.step_tokens))
         items = [Item(s.session, [s.seq[-1], *d.tokens], None if d.parents is None else [-1, *(p + 1 for p in d.parents)])
                  for s, d in zip(decoding, drafts)]
         room = self.cfg.step_tokens - sum(len(it.tokens) for it in items)
@@ -173,6 +181,7 @@ class Scheduler:
             chunks.append(s)
             s.fed += n
         t1 = time.perf_counter()
+        self.metrics.last_batch = len(items)
         logits = forward_batch(items)
         first = [s for s in chunks if not s.prefilling]
         for s in first:
@@ -185,18 +194,20 @@ class Scheduler:
             self._apply(s, d, raw, v, forced.get(id(s), False) or s in first)
         self._count(len(items), sum(len(it.tokens) for it in items), decoding, t1 - t0, t2 - t1)
 
-    def _propose(self, decoding: list[Sequence]) -> tuple[list[Draft], dict[int, bool]]:
-        """Every decoding request's draft: the grammar's forced tokens, else its arm's (batched where it can)."""
+    def _propose(self, decoding: list[Sequence], base_tokens: int) -> tuple[list[Draft], dict[int, bool]]:
+        """Every decoding request's draft: the grammar's forced tokens, else its arm's (batched where it can),
+        within the step's draft budget."""
         drafts: dict[int, Draft] = {}
         forced: dict[int, bool] = {}
         groups: dict[Any, list[tuple[Sequence, int]]] = {}
-        for s in decoding:
+        caps = self._caps(decoding, base_tokens)
+        for s, cap in zip(decoding, caps):
             room = min(self.k_max, s.budget - 1)
             ff = s.constraint.forced(room) if s.constraint is not None else None
             if ff is not None:
                 drafts[id(s)], forced[id(s)] = ff, True
                 continue
-            groups.setdefault(getattr(s.proposer, "propose_batch", None), []).append((s, room))
+            groups.setdefault(getattr(s.proposer, "propose_batch", None), []).append((s, min(room, cap)))
         for batch_fn, members in groups.items():
             if batch_fn is not None:
                 try:
@@ -215,7 +226,40 @@ class Scheduler:
         for s in decoding:   # a tree arm's template may be wider than k; the grammar prunes what leaves it
             d = drafts[id(s)].head(min(self.k_max, s.budget - 1))
             out.append(s.constraint.restrict(d, s.params) if s.constraint is not None else d)
-        return out, forced
+        return self._cut(decoding, out, forced, base_tokens), forced
+
+    def _caps(self, decoding: list[Sequence], base_tokens: int) -> list[int]:
+        """Before drafting: how far each request's arm may draft (arms that draft with a model pay per token).
+        A request that drafted nothing last step is not capped (its arm shows what it has first); neither is a
+        sampled request whose arm drafts with a distribution (a batch-dependent cap would change its sample)."""
+        free = self.k_max
+        if not self.cfg.draft_budget:
+            return [free] * len(decoding)
+        planned = [i for i, s in enumerate(decoding) if s.drafted_last and not (s.soft_drafts and not s.params.greedy)]
+        asks = [Ask(decoding[i].acceptance.alpha, free, getattr(decoding[i].proposer, "draft_cost_s", 0.0))
+                for i in planned]
+        caps = [free] * len(decoding)
+        for i, cap in zip(planned, plan(asks, base_tokens, self.curve)):
+            caps[i] = cap
+        return caps
+
+    def _cut(self, decoding: list[Sequence], drafts: list[Draft], forced: dict[int, bool],
+             base_tokens: int) -> list[Draft]:
+        """After drafting: verify only the draft tokens whose expected acceptance pays for their forward cost."""
+        if not self.cfg.draft_budget:
+            return drafts
+        fixed = [len(d.tokens) if forced.get(id(s)) or (d.probs is not None and not s.params.greedy) else 0
+                 for s, d in zip(decoding, drafts)]
+        asks = [Ask(s.acceptance.alpha, len(d.tokens), 0.0, f) for s, d, f in zip(decoding, drafts, fixed)]
+        out = []
+        for s, d, keep in zip(decoding, drafts, plan(asks, base_tokens, self.curve)):
+            if keep < len(d.tokens):
+                s.stats.budget_cut += len(d.tokens) - keep
+                s.stats.budget_reason = (f"batch of {len(decoding)}: {len(d.tokens)} drafted, {keep} worth their "
+                                         f"forward cost at acceptance {s.acceptance.alpha:.2f}")
+                d = d.head(keep)
+            out.append(d)
+        return out
 
     def _score(self, seqs: list[Sequence], drafts: list[Draft], rows: dict[int, torch.Tensor]
                ) -> tuple[list[Scored], list]:
@@ -252,6 +296,13 @@ class Scheduler:
         s.budget -= len(emitted)
         st = s.stats
         drafted = 0 if not_arms else len(d.tokens)
+        if drafted:
+            s.acceptance.update(v.accepted, drafted)
+            s.soft_drafts = d.probs is not None
+            st.draft_hist[drafted] = st.draft_hist.get(drafted, 0) + 1
+        if not not_arms:
+            s.drafted_last = drafted > 0
+        st.batch_sum += self.metrics.last_batch
         st.steps += 1
         st.drafts += drafted > 0
         st.drafted += drafted

@@ -106,6 +106,10 @@ class DecodeStats:
     fallback: str | None = None  # why the arm fell back to AR mid-request, if it did
     forced: int = 0              # constrained: tokens emitted from grammar-forced drafts (fast-forward, final EOS)
     pruned: int = 0              # constrained: draft tokens dropped before verification because they left the grammar
+    budget_cut: int = 0          # draft tokens the step budget cut (did not pay for their share of the batch)
+    draft_hist: dict[int, int] = field(default_factory=dict)   # verified draft length -> steps
+    batch_sum: int = 0           # sum over its steps of the requests in the step (mean batch = batch_sum / steps)
+    budget_reason: str = ""      # the latest budget decision that cut this request's draft, in words
 
     @property
     def acceptance_length(self) -> float:

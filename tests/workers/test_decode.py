@@ -101,11 +101,12 @@ def test_every_arm_emits_exactly_max_tokens(tiny_engine, method, max_tokens):
 # --- EOS ----------------------------------------------------------------------------------------------------------
 
 def _eos_inside_second_draft(ar_out: list[int]) -> int:
-    """Index of a token that first occurs at a position inside the second 4-token draft (positions 5..8)."""
-    for j in (6, 7, 8):
+    """Index of a token that first occurs inside the second 4-token draft: the prompt's last chunk emits token 0,
+    the first draft's step tokens 1..5, the second draft covers positions 6..9."""
+    for j in (7, 8, 9):
         if ar_out[j] not in ar_out[:j]:
             return j
-    pytest.fail(f"no fresh token at positions 6..8 of {ar_out}")
+    pytest.fail(f"no fresh token at positions 7..9 of {ar_out}")
 
 
 def test_eos_inside_an_accepted_draft_ends_the_output_there(models, ar_out):
@@ -115,7 +116,7 @@ def test_eos_inside_an_accepted_draft_ends_the_output_there(models, ar_out):
     proposer = Scripted(PROMPT + ar_out, length=4)
     out = run(models[0], proposer, eos_ids=eos, stats=stats)
     assert out == ar_out[: j + 1] == run(models[0], ARProposer(), eos_ids=eos)
-    assert stats.steps == 2, "EOS was drafted in step 2, so decoding should stop after it"
+    assert stats.steps == 3, "EOS was drafted in the second draft (step 3), so decoding should stop after it"
     assert proposer.verdicts[-1].emitted[-1] == ar_out[j]
 
 
@@ -162,8 +163,8 @@ def test_every_verdict_carries_what_the_target_scored(models, ar_out):
     target = models[0]
     proposer = Scripted(PROMPT + ar_out, length=3, corrupt=frozenset({14, 20}))
     assert run(target, proposer) == ar_out
-    seq, reference = list(PROMPT), target.session(len(PROMPT) + 60)
-    reference.forward(PROMPT[:-1])
+    seq, reference = PROMPT + ar_out[:1], target.session(len(PROMPT) + 60)   # token 0 came with the prompt's
+    reference.forward(PROMPT)                                                 # last chunk, observed by no arm
     for v in proposer.verdicts:
         assert v.scored[0] == seq[-1] and len(v.scored) == v.logits.shape[0] and v.logits.shape[1] == 512
         assert v.logits[: v.accepted + 1].argmax(-1).tolist() == v.emitted       # greedy: argmax rows are AR's
@@ -183,7 +184,7 @@ def test_a_constrained_verdict_carries_the_draft_as_pruned(tiny_engine):
     class Junk(Scripted):
         def propose(self, seq, k):
             self.calls += 1
-            return Draft([a, x, c][:k])
+            return Draft([c, x, c][:k])
 
     params = SamplingParams(max_tokens=4)
     constraint = tiny_engine.grammars.start(ConstraintSpec("regex", "(a|b)c+"), params, ())
@@ -191,8 +192,8 @@ def test_a_constrained_verdict_carries_the_draft_as_pruned(tiny_engine):
     session = tiny_engine.target.session(64)
     prompt = tok.encode("x", add_special_tokens=False)
     list(decode(session, proposer, prompt, params, None, tiny_engine.eos_ids, 64, 8, None, constraint))
-    first = proposer.verdicts[0]
-    assert first.scored == [prompt[-1], a] and first.logits.shape[0] == 2   # x and what follows it were pruned
+    first = proposer.verdicts[0]                       # after the first token (a or b, from the prompt's step)
+    assert first.scored[1:] == [c] and first.logits.shape[0] == 2           # x and what follows it were pruned
     assert not torch.isinf(first.logits).any()                              # raw scores, not the grammar's mask
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 import signal
 
 import pytest
@@ -48,10 +49,13 @@ def _run(target, drafter, params, prompt, seed=None, cfg=None, generator_seed=0)
 # --- the drafter process ------------------------------------------------------------------------------------------
 
 def test_greedy_equals_ar_and_drafts_come_from_a_pinned_drafter_process(tiny_engine):
+    drafted = 0
     for prompt in PROMPTS:
         want, have = _generate(tiny_engine, "ar", prompt), _generate(tiny_engine, "pearl", prompt)
         assert have.token_ids == want.token_ids and have.text == want.text
-        assert have.stats["fallback"] is None and have.stats["drafted"] > 0
+        assert have.stats["fallback"] is None
+        drafted += have.stats["drafted"]
+    assert drafted > 0
     (drafter,) = _pool(tiny_engine).drafters
     assert drafter.pid != os.getpid() and drafter.alive()
     cpus = sorted(os.sched_getaffinity(0))
@@ -134,10 +138,14 @@ def test_abandoned_request_gives_its_drafter_back(tiny_engine):
     pool = _pool(tiny_engine)
     _generate(tiny_engine, "pearl", PROMPTS[1])
     (drafter,) = pool.drafters
-    stream = tiny_engine.stream(Request(prompt=PROMPTS[1], params=GREEDY, method="pearl"))
-    next(stream)
+    long = SamplingParams(max_tokens=400, ignore_eos=True)
+    stream = tiny_engine.stream(Request(prompt=PROMPTS[0], params=long, method="pearl"))
+    next(stream), next(stream)                              # the second step is the first one the drafter serves
     assert drafter.leased and drafter.ch.ctl[M_RUN] == 1
     del stream                                              # the client went away mid-request
+    deadline = time.monotonic() + 10                        # the step loop ends it at its next step boundary
+    while drafter.leased and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not drafter.leased and drafter.ch.ctl[M_RUN] == 0
     result = _generate(tiny_engine, "pearl", PROMPTS[1])
     assert result.stats["fallback"] is None and pool.drafters == [drafter]
@@ -145,18 +153,15 @@ def test_abandoned_request_gives_its_drafter_back(tiny_engine):
 
 def test_concurrent_requests_never_fail_and_stay_exact(tiny_engine):
     """One drafter serves one request: a second request at the same time decodes without drafts, exactly."""
-    want = [_generate(tiny_engine, "ar", p).token_ids for p in PROMPTS[:2]]
-    streams = [tiny_engine.stream(Request(prompt=p, params=GREEDY, method="pearl")) for p in PROMPTS[:2]]
-    results = [None, None]
-    while any(r is None for r in results):               # interleave step by step, as the worker does
-        for i, s in enumerate(streams):
-            if results[i] is None:
-                item = next(s)
-                results[i] = item if isinstance(item, Result) else None
+    long = SamplingParams(max_tokens=300, ignore_eos=True)   # still running when the second one is set up
+    requests = [Request(prompt=PROMPTS[0], params=long, method="pearl"),
+                Request(prompt=PROMPTS[2], params=GREEDY, method="pearl")]
+    want = [tiny_engine.generate(Request(prompt=r.prompt, params=r.params, method="ar")).token_ids for r in requests]
+    results = tiny_engine.generate_many(requests)
     assert [r.token_ids for r in results] == want
-    fallbacks = sorted((r.stats["fallback"] or "") for r in results)
+    fallbacks = [(r.stats["fallback"] or "") for r in results]
     # the second request finds the drafter busy, unless the machine stalled the first past preempt_idle_s
-    assert fallbacks[0] == "" and ("another request" in fallbacks[1] or "taken back" in fallbacks[1]), fallbacks
+    assert "another request" in fallbacks[1] or "taken back" in fallbacks[0], fallbacks
 
 
 def test_a_stale_lease_is_taken_back_and_its_holder_stops_drafting(tiny_pair):

@@ -52,6 +52,7 @@ class SpsProposer:
         self.acceptance = Acceptance(prior=cfg.prior_accept, decay=cfg.decay)
         self.step_s = self.verify_s = None       # decayed means: one drafter step; one verification
         self.drafted, self.proposed_at, self.steps = 0, None, 0
+        self.group = 1                           # sps requests that drafted together in the last step
 
     @property
     def k(self) -> int:
@@ -66,6 +67,11 @@ class SpsProposer:
 
     def propose(self, seq: list[int], k: int) -> Draft:
         return propose_batch([self], [seq], [k])[0]
+
+    @property
+    def draft_cost_s(self) -> float:
+        """Seconds one more drafted token costs this request: its share of a batched drafter step."""
+        return (self.step_s if self.step_s is not None else 0.0005) / self.group
 
     def observe(self, seq: list[int], verdict: Verdict) -> None:
         if self.proposed_at is None:  # a step this arm did not draft (e.g. tokens a grammar forced)
@@ -123,7 +129,9 @@ def propose_batch(proposers: list[SpsProposer], seqs: list[list[int]], ks: list[
         active = still
     step_s = (time.perf_counter() - t0) / max(positions, 1)
     drafts = []
+    group = max(1, sum(1 for t in tokens if t))
     for p, t, r in zip(proposers, tokens, rows):
+        p.group = group
         p._took(t, step_s)
         drafts.append(Draft(t, None if p.params.greedy or not r else torch.stack(r)))
     return drafts

@@ -1,0 +1,68 @@
+"""The per-step draft budget: drafts grow when the batch is small and shrink to nothing when they stop paying."""
+
+from __future__ import annotations
+
+import pytest
+
+from metaspec.workers.budget import Ask, CostCurve, default_curve, plan
+from metaspec.workers.engine import Request
+from metaspec.workers.types import SamplingParams
+
+CURVE = CostCurve((1, 2, 4, 8, 16, 32, 64), (1.0, 1.18, 1.18, 1.38, 1.74, 2.48, 4.08))   # PERF_NOTES' shape
+
+
+def test_alone_a_long_draft_is_nearly_free():
+    assert plan([Ask(0.8, 8)], 1, CURVE) == [8]
+
+
+def test_drafts_shrink_as_the_batch_grows():
+    lengths = [sum(plan([Ask(0.7, 8)] * b, b, CURVE)) / b for b in (1, 4, 16, 32)]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] > 2 * lengths[-1], lengths
+
+
+def test_nothing_is_drafted_where_no_token_pays():
+    """A flat curve beyond 64 tokens still costs per token: at poor acceptance every draft is empty (batched AR)."""
+    assert plan([Ask(0.05, 8)] * 64, 64, CURVE) == [0] * 64
+
+
+def test_the_likeliest_tokens_get_the_budget_first():
+    caps = plan([Ask(0.9, 8), Ask(0.3, 8)] * 12, 24, CURVE)
+    assert sum(caps[::2]) > sum(caps[1::2])
+
+
+def test_drafting_cost_counts():
+    cheap, dear = plan([Ask(0.6, 8)], 1, CURVE), plan([Ask(0.6, 8, cost_s=0.3)], 1, CURVE)
+    assert dear[0] < cheap[0]
+
+
+def test_fixed_draft_tokens_are_kept():
+    assert plan([Ask(0.01, 5, fixed=5)] * 4, 4, CURVE) == [5] * 4
+
+
+def test_curve_interpolates_and_extrapolates():
+    c = CostCurve((1, 8), (1.0, 2.0))
+    assert c.time(1) == 1.0 and c.time(8) == 2.0 and abs(c.time(4) - (1 + 3 / 7)) < 1e-9 and c.time(15) == 3.0
+    assert default_curve(1.0).time(64) == pytest.approx(4.08)
+
+
+def test_the_measured_curve_never_decreases(tiny_engine):
+    c = tiny_engine.scheduler.curve
+    assert list(c.seconds) == sorted(c.seconds) and c.tokens[0] == 1 and c.seconds[0] > 0
+    assert tiny_engine.pool.free == tiny_engine.pool.slots      # measuring gave every slot back
+
+
+def test_a_loaded_step_cuts_drafts_and_says_why(tiny_engine):
+    """With a curve where every scored token costs a full forward, no draft token pays: all are cut, and the
+    output is still AR's."""
+    saved = tiny_engine.scheduler.curve
+    tiny_engine.scheduler.curve = CostCurve((1, 2), (1.0, 2.0))
+    try:
+        requests = [Request(prompt=f"def f{i}(x):\n    return x +", method="pld",
+                            params=SamplingParams(max_tokens=24)) for i in range(6)]
+        got = tiny_engine.generate_many(requests)
+    finally:
+        tiny_engine.scheduler.curve = saved
+    want = [tiny_engine.generate(Request(prompt=r.prompt, method="ar", params=r.params)) for r in requests]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert sum(g.stats["budget_cut"] for g in got) > 0 and sum(g.stats["accepted"] for g in got) == 0
+    assert any("worth their forward cost" in g.stats["budget_reason"] for g in got)

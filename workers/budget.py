@@ -1,0 +1,127 @@
+"""How many draft tokens a step should score: per-request acceptance against the measured cost of the batch.
+
+At batch 1 a draft of 8 tokens is nearly free (one forward over 9 tokens costs ~1.4x one token on this CPU); at
+batch 32 every drafted token competes with other requests' tokens for the same forward. Each step the scheduler
+hands out draft tokens one at a time, always to the request whose next token is the most likely to be accepted
+(alpha_i ** (k_i + 1) for the (k_i + 1)-th token of a draft at per-token acceptance alpha_i), while the step's
+expected tokens per second still rises: the forward's cost comes from a curve measured on the replica's own
+hardware when it starts (`CostCurve.measure`), plus what the arm pays to draft that token. With no token paying,
+every draft is empty: the step is batched AR.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """Forward seconds against tokens scored in one step (piecewise linear between measured points)."""
+
+    tokens: tuple[int, ...]      # ascending token counts measured
+    seconds: tuple[float, ...]   # median forward time at each count
+
+    def time(self, n: int) -> float:
+        if n <= self.tokens[0]:
+            return self.seconds[0] * max(n, 1) / self.tokens[0]
+        i = bisect.bisect_left(self.tokens, n)
+        if i == len(self.tokens):   # beyond the last point: the last segment's slope
+            (a, ta), (b, tb) = (self.tokens[-2], self.seconds[-2]), (self.tokens[-1], self.seconds[-1])
+        else:
+            (a, ta), (b, tb) = (self.tokens[i - 1], self.seconds[i - 1]), (self.tokens[i], self.seconds[i])
+        return ta + (tb - ta) * (n - a) / (b - a)
+
+    @staticmethod
+    def measure(pool, vocab: int, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128), context: int = 64,
+                repeats: int = 5) -> CostCurve:
+        """Time one forward over n tokens spread over min(n, free slots) sequences holding `context` tokens each."""
+        from .kv import Item, forward_batch
+
+        slots = max(1, min(pool.free, 16))
+        sessions = [pool.session(min(pool.slot_tokens, context + max(sizes) + 1)) for _ in range(slots)]
+        try:
+            for s in sessions:
+                s.bind()
+                forward_batch([Item(s, [(7 * i) % vocab for i in range(context)], rows="none")])
+            seconds = [_time_forward(sessions, n, context, vocab, repeats) for n in sizes]
+        finally:
+            for s in sessions:
+                s.release()
+        return CostCurve(tuple(sizes), tuple(_monotone(seconds)))
+
+
+def _time_forward(sessions, n: int, context: int, vocab: int, repeats: int) -> float:
+    from .kv import Item, forward_batch
+
+    b = min(n, len(sessions))
+    per = [n // b + (i < n % b) for i in range(b)]
+    times = []
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        out = forward_batch([Item(s, [(3 * j + r) % vocab for j in range(m)]) for s, m in zip(sessions, per)])
+        float(out[-1][-1, 0])                                   # waits for an accelerator too
+        times.append(time.perf_counter() - t0)
+        for s in sessions[:b]:
+            s.rollback(context)
+    times = sorted(times[1:])                                    # the first run warms up
+    return times[len(times) // 2]
+
+
+def _monotone(seconds: list[float]) -> list[float]:
+    """Noise can make a larger forward look cheaper; cost never decreases with tokens."""
+    out = []
+    for t in seconds:
+        out.append(max(t, out[-1]) if out else t)
+    return out
+
+
+def default_curve(one_token_s: float = 0.0026) -> CostCurve:
+    """Without a measurement: PERF_NOTES' shipped-target shape on this CPU (1.0x at 1 token, 4.1x at 64)."""
+    shape = (1.0, 1.18, 1.18, 1.38, 1.74, 2.48, 4.08)
+    return CostCurve((1, 2, 4, 8, 16, 32, 64), tuple(one_token_s * x for x in shape))
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One decoding request's part in a step's plan."""
+
+    alpha: float          # per-token acceptance estimate of its arm on this request
+    limit: int            # draft tokens it may get at most (its room, or the length of its draft)
+    cost_s: float = 0.0   # what drafting one more token costs its arm (0 for table lookups)
+    fixed: int = 0        # draft tokens it scores whatever the plan (a sampled drafter's draft is never cut)
+
+
+def plan(asks: list[Ask], base_tokens: int, curve: CostCurve) -> list[int]:
+    """Draft tokens per request: greedy by acceptance probability while expected tokens per second rises.
+
+    `base_tokens`: what the step scores anyway (each request's last token, prefill chunks).
+
+    >>> curve = CostCurve((1, 8, 64), (1.0, 1.4, 4.1))
+    >>> plan([Ask(0.8, 8)], 1, curve)                      # alone: a long draft is nearly free
+    [8]
+    >>> plan([Ask(0.8, 8)] * 32, 32, curve)[:3]             # at batch 32 each token costs real time
+    [1, 1, 1]
+    """
+    caps = [a.fixed for a in asks]
+    tokens = base_tokens + sum(caps)
+    emitted = float(len(asks)) + sum(_expected(a.alpha, a.fixed) - 1 for a in asks)
+    seconds = curve.time(tokens)
+    heap = [(-(a.alpha ** (a.fixed + 1)), i) for i, a in enumerate(asks) if a.fixed < a.limit and a.alpha > 0]
+    heapq.heapify(heap)
+    while heap:
+        neg_p, i = heapq.heappop(heap)
+        p, extra = -neg_p, curve.time(tokens + 1) - curve.time(tokens) + asks[i].cost_s
+        if (emitted + p) * seconds <= emitted * (seconds + extra):   # this token would lower tokens per second
+            continue
+        caps[i] += 1
+        tokens, emitted, seconds = tokens + 1, emitted + p, seconds + extra
+        if caps[i] < asks[i].limit:
+            heapq.heappush(heap, (-(p * asks[i].alpha), i))
+    return caps
+
+
+def _expected(alpha: float, k: int) -> float:
+    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
