@@ -37,35 +37,30 @@ class CostCurve:
     @staticmethod
     def measure(pool, vocab: int, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128), context: int = 64,
                 repeats: int = 5) -> CostCurve:
-        """Time one forward over n tokens spread over min(n, free slots) sequences holding `context` tokens each."""
+        """Time one forward scoring n tokens of one sequence that holds `context` tokens: what a draft adds to a
+        step is that many more rows through every GEMM (the cost of a step), at negligible attention cost."""
         from .kv import Item, forward_batch
 
-        slots = max(1, min(pool.free, 16))
-        sessions = [pool.session(min(pool.slot_tokens, context + max(sizes) + 1)) for _ in range(slots)]
+        s = pool.session(min(pool.slot_tokens, context + max(sizes) + 1))
         try:
-            for s in sessions:
-                s.bind()
-                forward_batch([Item(s, [(7 * i) % vocab for i in range(context)], rows="none")])
-            seconds = [_time_forward(sessions, n, context, vocab, repeats) for n in sizes]
+            s.bind()
+            forward_batch([Item(s, [(7 * i) % vocab for i in range(context)], rows="none")])
+            seconds = [_time_forward(s, n, context, vocab, repeats) for n in sizes]
         finally:
-            for s in sessions:
-                s.release()
+            s.release()
         return CostCurve(tuple(sizes), tuple(_monotone(seconds)))
 
 
-def _time_forward(sessions, n: int, context: int, vocab: int, repeats: int) -> float:
+def _time_forward(s, n: int, context: int, vocab: int, repeats: int) -> float:
     from .kv import Item, forward_batch
 
-    b = min(n, len(sessions))
-    per = [n // b + (i < n % b) for i in range(b)]
     times = []
     for r in range(repeats + 1):
         t0 = time.perf_counter()
-        out = forward_batch([Item(s, [(3 * j + r) % vocab for j in range(m)]) for s, m in zip(sessions, per)])
-        float(out[-1][-1, 0])                                   # waits for an accelerator too
+        (out,) = forward_batch([Item(s, [(3 * j + r) % vocab for j in range(n)])])
+        float(out[-1, 0])                                        # waits for an accelerator too
         times.append(time.perf_counter() - t0)
-        for s in sessions[:b]:
-            s.rollback(context)
+        s.rollback(context)
     times = sorted(times[1:])                                    # the first run warms up
     return times[len(times) // 2]
 
