@@ -1,5 +1,7 @@
 """One command that shows the product: start the service on the shipped models, send a few real requests through
-gRPC, print the answers with the method the router chose, stop.
+gRPC at once (they share the worker's batched steps, each with the method the router chose for it), print the
+answers with the chosen method, stop. The prompts are the kind of text the shipped model was trained on: Python
+code, its documentation and man pages.
 
     python -m metaspec.deploy.demo [--config deploy/metaspec.yaml] [--grpc-port 9000]
 """
@@ -10,13 +12,21 @@ import argparse
 import sys
 from dataclasses import replace
 
+from concurrent.futures import ThreadPoolExecutor
+
+from metaspec.protocol.types import Constraint
+
 from .app import DEFAULT_YAML, load_serve_file, local_cpus, missing_checkpoints, start
 
+SCHEMA = ('{"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, '
+          '"version": {"type": "integer"}}, "required": ["name", "version"], "additionalProperties": false}')
 PROMPTS = [
-    ("code", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n", {}),
-    ("story", "Once upon a time, in a small village by the sea,", {}),
-    ("math", "Question: A baker makes 12 loaves a day for 5 days. How many loaves?\nAnswer:", {}),
-    ("repeat", "Copy the list: apples, pears, plums, apples, pears, plums, apples,", {"method": "pld"}),
+    ("code", 'def read_config(path):\n    """Read a JSON file and return its contents as a dict."""\n', {}),
+    ("docs", "os.path.join(path, *paths)\n    Join one or more path segments intelligently. The return value", {}),
+    ("man", "NAME\n       ls - list directory contents\n\nSYNOPSIS\n       ls [OPTION]... [FILE]...\n\n"
+            "DESCRIPTION\n", {}),
+    ("repeat", "import os\nimport sys\nimport json\nimport os\nimport sys\nimport", {"method": "pld"}),
+    ("json", "A package description as JSON: ", {"constraint": Constraint("json_schema", SCHEMA)}),
 ]
 
 
@@ -39,11 +49,11 @@ def run(config: str, grpc_port: int | None, max_tokens: int) -> int:
         with Client(address, timeout_s=120) as client:
             print(f"service up on {address}; methods: "
                   f"{', '.join(m.name for m in client.list_methods().methods)}\n")
-            for name, prompt, extra in PROMPTS:
-                try:
-                    r = client.generate(prompt, max_tokens=max_tokens, **extra)
-                except ServiceError as exc:
-                    print(f"[{name}] error: {exc}")
+            with ThreadPoolExecutor(len(PROMPTS)) as pool:     # at once: the worker batches them
+                replies = list(pool.map(lambda p: _ask(client, p[1], max_tokens, p[2]), PROMPTS))
+            for (name, prompt, _), r in zip(PROMPTS, replies):
+                if isinstance(r, ServiceError):
+                    print(f"[{name}] error: {r}")
                     continue
                 print(f"[{name}] method={r.method} pool={r.pool} ({r.reason}) "
                       f"{r.completion_tokens} tokens, {r.timings['tokens_per_s']:.0f} tok/s, "
@@ -53,6 +63,15 @@ def run(config: str, grpc_port: int | None, max_tokens: int) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _ask(client, prompt: str, max_tokens: int, extra: dict):
+    from metaspec.protocol.client import ServiceError
+
+    try:
+        return client.generate(prompt, max_tokens=max_tokens, **extra)
+    except ServiceError as exc:
+        return exc
 
 
 def main(argv: list[str] | None = None) -> int:
