@@ -213,21 +213,20 @@ def _replica_cpus(pool: PoolSpec) -> float:
 
 
 def serve_until_interrupted(cfg: AppConfig, opts: ServeOptions, address: str | None = None,
-                            num_cpus: int | None = None) -> None:
+                            num_cpus: int | None = None, stop_timeout_s: float = 20.0) -> None:
     """`metaspec serve`: join `address` (or start a loopback Ray), deploy, print the address, block until Ctrl-C
-    (or SIGTERM), then shut Serve and Ray down."""
+    (or SIGTERM), then shut Serve and Ray down and leave no process behind (see `stop`)."""
     import signal
     import time
 
     import ray
-
-    signal.signal(signal.SIGTERM, _interrupt)
 
     if address:
         ray.init(address=address)
     else:
         ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus or local_cpus(cfg),
                  include_dashboard=False)   # a new loopback Ray even when another one runs on this machine
+    signal.signal(signal.SIGTERM, _interrupt)   # after ray.init, whose own handler exits without stopping Ray
     try:
         start(cfg, opts)
         pools = ", ".join(f"{p.name} ({p.num_replicas}x{p.threads} threads)" for p in cfg.pools)
@@ -240,5 +239,57 @@ def serve_until_interrupted(cfg: AppConfig, opts: ServeOptions, address: str | N
     except KeyboardInterrupt:
         pass
     finally:
+        stop(stop_timeout_s)
+
+
+def stop(timeout_s: float = 20.0) -> None:
+    """Shut Serve down (at most `timeout_s`: in-flight requests drain meanwhile), then Ray, then wait for every
+    process this one started (raylet, GCS, the dashboard and runtime-env agents, workers) to be gone: Ray's agents
+    outlive their raylet by 40 s and more otherwise, holding ports. A second Ctrl-C / SIGTERM does not cut it short."""
+    import signal
+    import threading
+
+    import ray
+    import psutil                                    # (Ray ships it)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    ours = _descendants()                            # now: once their raylet is gone they belong to init, not us
+    done = threading.Thread(target=_quiet_serve_shutdown, daemon=True)
+    done.start()
+    done.join(timeout_s)
+    ray.shutdown()
+    ours += [p for p in _descendants() if p.pid not in {q.pid for q in ours}]
+    _, alive = psutil.wait_procs(ours, timeout=5)
+    for proc in alive:
+        _signal(proc, "terminate")
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    for proc in alive:
+        _signal(proc, "kill")
+    psutil.wait_procs(alive, timeout=5)
+
+
+def _quiet_serve_shutdown() -> None:
+    try:
         serve.shutdown()
-        ray.shutdown()
+    except Exception as exc:                         # Ray's shutdown below stops what Serve could not
+        print(f"serve shutdown: {type(exc).__name__}: {exc}", flush=True)
+
+
+def _descendants() -> list:
+    import ray  # noqa: F401  (puts Ray's bundled psutil on the path)
+    import psutil
+
+    try:
+        return psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _signal(proc, how: str) -> None:
+    import psutil
+
+    try:
+        getattr(proc, how)()
+    except psutil.Error:
+        pass

@@ -77,6 +77,12 @@ class PoolSpec:
 
 
 @dataclass(frozen=True)
+class Quota:
+    requests_per_min: int | None = None    # requests one API key may start per minute; None = no limit
+    tokens_per_min: int | None = None      # prompt + completion tokens one key may use per minute; None = no limit
+
+
+@dataclass(frozen=True)
 class RouterSpec:
     num_replicas: int = 1                       # one per node on a cluster (with proxy_location: EveryNode)
     max_replicas_per_node: int | None = None    # 1 spreads the routers over nodes; each proxy prefers its node's
@@ -98,7 +104,12 @@ class RouterSpec:
                                                 # which survives process kills but not power loss)
     outcome_fsync_before_reply: bool = True     # False: reply once the record is written; its fsync follows at
                                                 # once (a power loss can lose that last batch, a kill cannot)
-    api_key_hashes: tuple[str, ...] = ()        # sha256 hex digests of accepted API keys; empty = no auth
+    api_key_hashes: tuple[str, ...] = ()        # sha256 hex digests of accepted API keys; empty (and no file) =
+                                                # no auth
+    api_keys_file: str | None = None            # a file of further digests on the router's node (one per line)
+    keys_version: str = ""                      # change it (user_config) to make the routers re-read that file
+    key_quota: Quota = Quota()                  # every key's quota per router replica (deploy/access.py)
+    quotas: dict[str, Quota] = field(default_factory=dict)   # digest -> its own quota
     health_timeout_s: float = 5.0               # a pool that does not answer Health within this is not ok
     resources: dict[str, float] = field(default_factory=dict)    # custom Ray resources per router replica (e.g.
                                                 # pin routers to nodes that run a gRPC proxy)
@@ -196,6 +207,13 @@ class PoolModel(BaseModel):
                         drafter_bundle=placed.drafter_bundle, drafter_device=placed.drafter_device)
 
 
+class QuotaModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_min: int | None = Field(default=None, ge=0)
+    tokens_per_min: int | None = Field(default=None, ge=0)
+
+
 class RouterModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -215,6 +233,10 @@ class RouterModel(BaseModel):
     outcome_fsync: bool = True
     outcome_fsync_before_reply: bool = True
     api_key_hashes: list[str] = Field(default_factory=list)
+    api_keys_file: str | None = None
+    keys_version: str = ""
+    key_quota: QuotaModel = Field(default_factory=QuotaModel)
+    quotas: dict[str, QuotaModel] = Field(default_factory=dict)
     health_timeout_s: float = Field(default=5.0, gt=0)
     resources: dict[str, float] = Field(default_factory=dict)
     pool_watch_s: float = Field(default=1.0, ge=0)
@@ -224,14 +246,18 @@ class RouterModel(BaseModel):
     def _check(self) -> "RouterModel":
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must be <= max_tokens_limit")
-        bad = [h for h in self.api_key_hashes if len(h) != 64 or any(c not in "0123456789abcdef" for c in h)]
+        bad = [h for h in [*self.api_key_hashes, *self.quotas]
+               if len(h) != 64 or any(c not in "0123456789abcdef" for c in h)]
         if bad:
-            raise ValueError("api_key_hashes must be lowercase sha256 hex digests (see deploy.config.hash_api_key)")
+            raise ValueError("api_key_hashes and the keys of quotas must be lowercase sha256 hex digests (see "
+                             "deploy.config.hash_api_key)")
         return self
 
     def to_spec(self) -> RouterSpec:
         data = self.model_dump()
-        return RouterSpec(**(data | {"methods": tuple(self.methods), "api_key_hashes": tuple(self.api_key_hashes)}))
+        return RouterSpec(**(data | {"methods": tuple(self.methods), "api_key_hashes": tuple(self.api_key_hashes),
+                                     "key_quota": Quota(**data["key_quota"]),
+                                     "quotas": {d: Quota(**q) for d, q in data["quotas"].items()}}))
 
 
 class AppModel(BaseModel):

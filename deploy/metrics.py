@@ -36,6 +36,11 @@ class ServiceMetrics:
                               tag_keys=mp)
         self.wall = Histogram("metaspec_request_wall_s", "request time at the router", boundaries=_SECONDS,
                               tag_keys=mp)
+        self.unrecorded_outcomes = Counter("metaspec_outcomes_unrecorded_total",
+                                           "requests answered whose outcome could not be written to the log",
+                                           tag_keys=("status",))
+        self.log_counters = Gauge("metaspec_outcome_log", "the outcome log's counters (appended, unrecorded, "
+                                  "pending_retry, dropped...)", tag_keys=("counter",))
         self.inflight = Gauge("metaspec_inflight_requests", "requests this router has in flight per pool",
                               tag_keys=("pool",))
 
@@ -60,6 +65,13 @@ class ServiceMetrics:
         self.wall.observe(outcome.wall_s, tags=tags)
         if outcome.fallback:
             self.fallbacks.inc(tags=tags)
+
+    def unrecorded(self, outcome: Outcome) -> None:
+        self.unrecorded_outcomes.inc(tags={"status": outcome.status})
+
+    def outcome_log(self, stats: dict[str, int]) -> None:
+        for name, value in stats.items():
+            self.log_counters.set(value, tags={"counter": name})
 
     def set_inflight(self, pool: str, count: int) -> None:
         self.inflight.set(count, tags={"pool": pool})

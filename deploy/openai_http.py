@@ -32,7 +32,7 @@ from .openai_protocol import (ApiError, HttpCall, chunk_body, error_body, final_
 from .status import status_of
 
 if TYPE_CHECKING:
-    from .router import Router
+    from .router import Receipt, Router
 
 logger = logging.getLogger("ray.serve")
 BEARER_HINT = "send it as `Authorization: Bearer <key>`"
@@ -53,7 +53,7 @@ async def handle(router: "Router", request: HttpRequest) -> Response:
     path = _path(request)
     try:
         if path == "/health" and request.method == "GET":
-            return await _health(router)
+            return await _health(router, request)
         if path not in ("/v1/completions", "/v1/chat/completions", "/v1/models"):
             raise ApiError("NOT_FOUND", f"no route {request.method} {path}; this service answers POST "
                                         "/v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health")
@@ -61,10 +61,10 @@ async def handle(router: "Router", request: HttpRequest) -> Response:
         if request.method != want:
             return _error(405, "INVALID_ARGUMENT", f"{path} takes {want}, not {request.method}")
         peer = request.client.host if request.client else "?"
-        router.check_key(_bearer(request), peer, BEARER_HINT)
+        key = router.check_key(_bearer(request), peer, BEARER_HINT)
         if path == "/v1/models":
             return JSONResponse(await _models(router))
-        return await _generate(router, request, chat=path.endswith("chat/completions"))
+        return await _generate(router, request, key, chat=path.endswith("chat/completions"))
     except ApiError as exc:
         router.metrics.rejected(exc.code)
         return JSONResponse(exc.body(), status_code=exc.http_status)
@@ -72,28 +72,32 @@ async def handle(router: "Router", request: HttpRequest) -> Response:
         return _status_response(router, exc)
 
 
-async def _generate(router: "Router", request: HttpRequest, chat: bool) -> Response:
+async def _generate(router: "Router", request: HttpRequest, key: str | None, chat: bool) -> Response:
+    from .router import Receipt
+
     t0 = time.perf_counter()
     spec = router.spec
     http = (parse_chat if chat else parse_completion)(await _json(request), spec.served_model_name)
     prompt = await router.chat_template.render(http.messages) if chat else None
     call = to_call(http, spec.default_max_tokens, prompt)
+    router.access.admit(key)                 # this key's quota (429 when used up)
     choice, rid = await router.choose(call)
+    receipt = Receipt(key=key)
     if not http.stream:
-        reply = await router.run(call, choice, rid, t0, http.timeout_s)
-        return JSONResponse(response_body(http, reply, chat))
-    replies = router.stream(call, choice, rid, t0, http.timeout_s)
+        reply = await router.run(call, choice, rid, t0, http.timeout_s, receipt)
+        return JSONResponse(_receipted(response_body(http, reply, chat), receipt))
+    replies = router.stream(call, choice, rid, t0, http.timeout_s, receipt)
     try:
         first = await anext(replies)         # a failure before the first token keeps its HTTP status
     except BaseException:
         await replies.aclose()
         raise
-    return StreamingResponse(_events(router, http, first, replies, chat), media_type="text/event-stream",
+    return StreamingResponse(_events(router, http, first, replies, chat, receipt), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
 
 
 async def _events(router: "Router", http: HttpCall, first: Reply, replies: AsyncIterator[Reply],
-                  chat: bool) -> AsyncIterator[bytes]:
+                  chat: bool, receipt: "Receipt") -> AsyncIterator[bytes]:
     """Server-sent events: text deltas, the finishing chunk (with metaspec's fields), usage if asked, [DONE]."""
     created, rid = int(time.time()), first.request_id
     async with aclosing(replies):
@@ -106,7 +110,7 @@ async def _events(router: "Router", http: HttpCall, first: Reply, replies: Async
                     yield sse(chunk_body(http, rid, created, chat, reply.text))
                 reply = await anext(replies)
             for body in final_chunks(http, reply, created, chat):
-                yield sse(body)
+                yield sse(_receipted(body, receipt))
         except Exception as exc:                 # after the 200: the error is the stream's last event
             status = router.refused(status_of(exc))
             yield sse(error_body(status.code.name, status.message))
@@ -124,11 +128,25 @@ async def _models(router: "Router") -> dict[str, Any]:
                                         "owned_by": "metaspec", "max_model_len": context, "metaspec": meta}]}
 
 
-async def _health(router: "Router") -> Response:
+async def _health(router: "Router", request: HttpRequest) -> Response:
+    """With API keys configured and none valid given: a bare liveness answer (the router is up), nothing about
+    pools. Otherwise every pool's health and the outcome log's counters."""
+    try:
+        router.check_key(_bearer(request), request.client.host if request.client else "?", BEARER_HINT)
+    except Exception:
+        return JSONResponse({"status": "alive"})
     health = await router.health()
     body = {"status": "ok" if health.serving else "unavailable",
-            "pools": [{"name": p.name, "ok": p.ok, "detail": p.detail} for p in health.pools]}
+            "pools": [{"name": p.name, "ok": p.ok, "detail": p.detail} for p in health.pools],
+            "outcome_log": router.log_stats()}
     return JSONResponse(body, status_code=200 if health.serving else 503)
+
+
+def _receipted(body: dict[str, Any], receipt: "Receipt") -> dict[str, Any]:
+    """`metaspec.outcome_recorded` on the body that carries metaspec's fields (false: the log could not take it)."""
+    if "metaspec" in body and receipt.outcome_recorded is not None:
+        body["metaspec"]["outcome_recorded"] = receipt.outcome_recorded
+    return body
 
 
 class ChatTemplate:
@@ -150,7 +168,11 @@ class ChatTemplate:
             return tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True,
                                            chat_template=None if tok.chat_template else DEFAULT_CHAT_TEMPLATE)
         except Exception as exc:                 # the model's own template refused the conversation
-            raise ApiError("INVALID_ARGUMENT", f"the chat template refused these messages: {exc}", "messages") from None
+            from jinja2 import TemplateError
+
+            why = f": {exc}" if isinstance(exc, TemplateError) else f" ({type(exc).__name__})"   # the template's own
+            raise ApiError("INVALID_ARGUMENT", f"the chat template refused these messages{why}"[:500],     # words only
+                           "messages") from None
 
 
 def _load_tokenizer(path: str) -> Any:

@@ -24,7 +24,9 @@ from metaspec.workers.types import RequestError
 from .config import PoolSpec, RouterModel, RouterSpec
 
 logger = logging.getLogger("ray.serve")
-USER_CONFIG_KEYS = ("selector", "explore", "selector_check_s")   # the Router's user_config (see reconfigure)
+# The Router's user_config (see reconfigure): the selector's settings, and access (keys rotate, quotas change)
+USER_CONFIG_KEYS = ("selector", "explore", "selector_check_s", "api_key_hashes", "api_keys_file", "keys_version",
+                    "key_quota", "quotas")
 
 
 class Policy(Protocol):
@@ -117,7 +119,8 @@ def make_policy(spec: RouterSpec, pools: Sequence[PoolSpec], tokenizer=None,
 
 def user_config(spec: RouterSpec) -> dict[str, Any]:
     """The Router deployment's user_config: what Serve changes in place (`reconfigure`), without a restart."""
-    return {k: getattr(spec, k) for k in USER_CONFIG_KEYS}
+    data = dataclasses.asdict(spec)
+    return {k: list(data[k]) if isinstance(data[k], tuple) else data[k] for k in USER_CONFIG_KEYS}
 
 
 def apply_user_config(spec: RouterSpec, config: Mapping[str, Any] | None) -> RouterSpec:

@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import hmac
+import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -42,6 +43,7 @@ from metaspec.workers.outcome_log import OutcomeLog, OutcomeLogConfig
 from metaspec.workers.worker import WorkerInfo
 
 from . import openai_http
+from .access import Access, access_config
 from .config import PoolSpec, RouterSpec
 from .metrics import ServiceMetrics
 from .pool_watch import PoolWatch
@@ -50,6 +52,26 @@ from .policy import (FixedPolicy, NgramMirror, Policy, apply_user_config, check_
 from .status import Status, _replica_lost, status_of
 
 logger = logging.getLogger("ray.serve")
+OUTCOME_RECORDED = "outcome-recorded"   # trailing metadata of Generate/GenerateStream: "true" / "false"
+
+
+@dataclasses.dataclass
+class Receipt:
+    """What a transport tells its client beside the reply: whether the request's outcome reached the log.
+
+    Contract: an outcome that could not be written (full disk, EIO...) is not silently acknowledged. The reply still
+    goes out (the tokens were generated), marked `outcome-recorded: false` (gRPC trailing metadata; HTTP:
+    `metaspec.outcome_recorded`); the log keeps the record and retries it; `metaspec_outcomes_unrecorded_total`
+    counts it.
+    """
+
+    outcome_recorded: bool | None = None     # None: no outcome was due (refused before a pool was chosen)
+    key: str | None = None                   # the caller's API key digest (its quota is charged the tokens)
+
+    def metadata(self) -> list[tuple[str, str]]:
+        if self.outcome_recorded is None:
+            return []
+        return [(OUTCOME_RECORDED, "true" if self.outcome_recorded else "false")]
 
 
 def _local_handles(workers: dict[str, DeploymentHandle]) -> dict[str, DeploymentHandle]:
@@ -79,7 +101,7 @@ class Router:
         self._infos: dict[str, WorkerInfo] = {}
         self._inflight = {name: 0 for name in self.pools}
         self.watch = PoolWatch({n: h.deployment_name for n, h in workers.items()}, spec.pool_watch_s)
-        self._key_hashes = tuple(spec.api_key_hashes)
+        self.access = Access(access_config(spec))
         self.chat_template = openai_http.ChatTemplate(pools[0].tokenizer or pools[0].target)
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
@@ -87,7 +109,9 @@ class Router:
         selector file, exploration share or check period. Requests keep being served by the current selector
         while the new one loads; a file that cannot be loaded is refused (logged) and the current one stays."""
         spec = apply_user_config(self.spec, config)       # a malformed user_config raises: the deploy fails
+        access = await asyncio.to_thread(access_config, spec)       # keys rotate (the keys file is re-read)
         self.policy = await asyncio.to_thread(self._policy_for, spec)
+        self.access = self.access.rotated(access)
         self.spec = spec
 
     def _policy_for(self, spec: RouterSpec) -> Policy:
@@ -109,22 +133,27 @@ class Router:
 
     # ---- RPCs ----------------------------------------------------------------------------------------------
     async def Generate(self, msg: Any, grpc_context=None) -> Any:
-        t0 = time.perf_counter()
+        t0, receipt = time.perf_counter(), Receipt()
         try:
-            call, choice, rid = await self._admit(msg, grpc_context)
-            reply = await self.run(call, choice, rid, t0)
+            call, choice, rid = await self._admit(msg, grpc_context, receipt)
+            reply = await self.run(call, choice, rid, t0, receipt=receipt)
         except Exception as exc:
+            _trailers(grpc_context, receipt)
             return self._refuse(grpc_context, status_of(exc))
+        _trailers(grpc_context, receipt)
         return convert.reply_to_proto(reply)
 
     async def GenerateStream(self, msg: Any, grpc_context=None) -> AsyncIterator[Any]:
-        t0 = time.perf_counter()
+        t0, receipt = time.perf_counter(), Receipt()
         try:
-            call, choice, rid = await self._admit(msg, grpc_context)
-            async with aclosing(self.stream(call, choice, rid, t0)) as replies:
+            call, choice, rid = await self._admit(msg, grpc_context, receipt)
+            async with aclosing(self.stream(call, choice, rid, t0, receipt=receipt)) as replies:
                 async for reply in replies:
+                    if reply.finish_reason:
+                        _trailers(grpc_context, receipt)   # the outcome is recorded (or not) before the last one
                     yield convert.reply_to_proto(reply)
         except Exception as exc:
+            _trailers(grpc_context, receipt)
             self._abort(grpc_context, status_of(exc))
 
     async def __call__(self, request: Any) -> Any:
@@ -133,8 +162,10 @@ class Router:
 
     # ---- serving a chosen request (both transports) --------------------------------------------------------
     async def run(self, call: GenerateCall, choice: Choice, rid: str, t0: float,
-                  timeout_s: float | None = None) -> Reply:
-        """The whole answer; its outcome is on disk before it returns. Raises a (counted) Status on failure."""
+                  timeout_s: float | None = None, receipt: Receipt | None = None) -> Reply:
+        """The whole answer; its outcome is on disk before it returns (else `receipt` says it is not). Raises a
+        (counted) Status on failure."""
+        receipt = receipt if receipt is not None else Receipt()
         request = dataclasses.replace(call.request, method=choice.method)
         self._enter(choice.pool)
         left = None if timeout_s is None else max(0.0, timeout_s - (time.perf_counter() - t0))
@@ -142,21 +173,23 @@ class Router:
             async with asyncio.timeout(left):   # the deadline counts from the request's arrival (t0)
                 result = await self._worker_generate(choice.pool, request, rid)
         except asyncio.CancelledError:
-            await self._record(call, choice, rid, "CANCELLED", t0)
+            await self._record(call, choice, rid, "CANCELLED", t0, receipt=receipt)
             raise
         except Exception as exc:
-            raise await self._failed(call, choice, rid, t0, exc) from None
+            raise await self._failed(call, choice, rid, t0, exc, receipt) from None
         finally:
             self._leave(choice.pool)
         wall = time.perf_counter() - t0
         ttft = (wall - result.wall_s) + result.ttft_s   # router overhead before the worker started + worker ttft
-        await self._record(call, choice, rid, "OK", t0, result, ttft)
+        await self._record(call, choice, rid, "OK", t0, result, ttft, receipt)
         return final_reply(result, choice, rid, ttft, wall, whole=True)
 
     async def stream(self, call: GenerateCall, choice: Choice, rid: str, t0: float,
-                     timeout_s: float | None = None) -> AsyncIterator[Reply]:
+                     timeout_s: float | None = None, receipt: Receipt | None = None) -> AsyncIterator[Reply]:
         """Chunk replies (the first carries the choice), then the final one, whose outcome is on disk before it
-        is yielded. Raises a (counted) Status on failure; closing it cancels the worker's request."""
+        is yielded (else `receipt` says it is not). Raises a (counted) Status on failure; closing it cancels the
+        worker's request."""
+        receipt = receipt if receipt is not None else Receipt()
         request = dataclasses.replace(call.request, method=choice.method)
         self._enter(choice.pool)
         done, ttft = False, None
@@ -171,36 +204,57 @@ class Router:
                         continue
                     wall = time.perf_counter() - t0
                     done = True
-                    await self._record(call, choice, rid, "OK", t0, item, ttft or wall)
+                    await self._record(call, choice, rid, "OK", t0, item, ttft or wall, receipt)
                     yield final_reply(item, choice, rid, ttft or wall, wall, whole=False)
         except (asyncio.CancelledError, GeneratorExit):
             if not done:
-                await self._record(call, choice, rid, "CANCELLED", t0)
+                await self._record(call, choice, rid, "CANCELLED", t0, receipt=receipt)
             raise
         except Exception as exc:
-            raise await self._failed(call, choice, rid, t0, exc) from None
+            raise await self._failed(call, choice, rid, t0, exc, receipt) from None
         finally:
             self._leave(choice.pool)
 
-    async def _failed(self, call: GenerateCall, choice: Choice, rid: str, t0: float, exc: BaseException) -> Status:
+    async def _failed(self, call: GenerateCall, choice: Choice, rid: str, t0: float, exc: BaseException,
+                      receipt: Receipt) -> Status:
         status = status_of(exc)
-        await self._record(call, choice, rid, status.code.name, t0)
+        await self._record(call, choice, rid, status.code.name, t0, receipt=receipt)
         status.counted = True                    # the outcome counted it: not a rejection before any choice
         return status
 
     async def Health(self, msg: Any, grpc_context=None) -> Any:
-        return convert.health_to_proto(await self.health())
+        """Every pool's health (authenticated like every RPC when keys are configured); the outcome log's counters
+        go out as `outcome-log` trailing metadata (JSON)."""
+        try:
+            self._authorize(grpc_context)
+        except Status as status:
+            self.refused(status)
+            if grpc_context is not None:
+                grpc_context.set_code(status.code)
+                grpc_context.set_details(status.message)
+            return convert.health_to_proto(Health(False))
+        health = await self.health()
+        if grpc_context is not None:
+            grpc_context.set_trailing_metadata([("outcome-log", json.dumps(self.log_stats(), sort_keys=True))])
+        return convert.health_to_proto(health)
 
     async def health(self) -> Health:
         async def one(name: str) -> PoolHealth:
             try:
                 await asyncio.wait_for(self.workers[name].ping.remote(), self.spec.health_timeout_s)
                 return PoolHealth(name, True)
-            except Exception as exc:   # a pool that cannot answer is reported, not raised
-                return PoolHealth(name, False, f"{type(exc).__name__}: {exc}"[:500])
+            except Exception as exc:   # a pool that cannot answer is reported, not raised; the why stays in our log
+                logger.warning("health: pool %s did not answer: %s: %s", name, type(exc).__name__, exc)
+                what = "did not answer in time" if isinstance(exc, TimeoutError) else "unreachable"
+                return PoolHealth(name, False, f"{what} ({type(exc).__name__})")
 
         pools = tuple(await asyncio.gather(*(one(n) for n in self.pools)))
+        self.metrics.outcome_log(self.log_stats())
         return Health(all(p.ok for p in pools), pools)
+
+    def log_stats(self) -> dict[str, int]:
+        """The outcome log's counters (appended, unrecorded, pending_retry...; its file name stays here)."""
+        return {k: v for k, v in self.log.stats().items() if isinstance(v, int)}
 
     async def ListMethods(self, msg: Any, grpc_context=None) -> Any:
         try:
@@ -248,15 +302,18 @@ class Router:
         methods = tuple(MethodInfo(n, a.description, tuple(sorted(a.requires))) for n, a in sorted(self.arms.items()))
         infos = await self._pool_infos()
         pools = tuple(PoolDescription(p.name, infos[p.name].methods if p.name in infos else (),
-                                      {k: str(v) for k, v in p.hardware.items()}, p.target, p.drafter or "",
+                                      {k: str(v) for k, v in p.hardware.items()}, _model_name(p.target),
+                                      _model_name(p.drafter),
                                       p.num_replicas, infos[p.name].max_context if p.name in infos else 0)
                       for p in self.pools.values())
         return ServiceInfo(methods, pools, getattr(self.policy, "version", "unknown"), self.spec.max_tokens_limit,
                            self.spec.default_max_tokens)
 
-    async def _admit(self, msg: Any, grpc_context) -> tuple[GenerateCall, Choice, str]:
-        """Authorize, convert, check and choose; raises what `status_of` maps."""
-        self._authorize(grpc_context)
+    async def _admit(self, msg: Any, grpc_context, receipt: Receipt) -> tuple[GenerateCall, Choice, str]:
+        """Authorize (and count against the key's quota), convert, check and choose; raises what `status_of`
+        maps."""
+        receipt.key = self._authorize(grpc_context)
+        self.access.admit(receipt.key)
         call = convert.call_from_proto(msg, self.spec.default_max_tokens)
         choice, rid = await self.choose(call)
         return call, choice, rid
@@ -272,6 +329,9 @@ class Router:
         serving = {n: i for n, i in infos.items() if self.watch.up(n)}   # pools with a running replica
         if not serving:
             raise Status(grpc.StatusCode.UNAVAILABLE, "no worker pool is reachable")
+        # ids beyond the smallest vocabulary fail here, before any feature or arm sees them (every pool shares one
+        # tokenizer family; a pool with a larger vocabulary accepts what this lets through)
+        convert.check_token_ids(call.request.prompt_ids, min(i.vocab_size for i in infos.values()))
         if (m := call.request.method) and not any(m in i.methods for i in serving.values()) and any(
                 m in i.methods for i in infos.values()):
             raise Status(grpc.StatusCode.UNAVAILABLE, f"every pool that runs {m} is down; retry later")
@@ -293,22 +353,16 @@ class Router:
             await asyncio.gather(*(ask(n) for n in missing))
         return {n: self._infos[n] for n in self.pools if n in self._infos}
 
-    def _authorize(self, grpc_context) -> None:
-        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None and self._key_hashes else {}
-        self.check_key(metadata.get(API_KEY_HEADER), grpc_context.peer() if grpc_context is not None else "?",
-                       f"send it as `{API_KEY_HEADER}` metadata")
+    def _authorize(self, grpc_context) -> str | None:
+        enabled = grpc_context is not None and self.access.enabled
+        metadata = dict(grpc_context.invocation_metadata()) if enabled else {}
+        return self.check_key(metadata.get(API_KEY_HEADER), grpc_context.peer() if grpc_context is not None else "?",
+                              f"send it as `{API_KEY_HEADER}` metadata")
 
-    def check_key(self, key: str | None, peer: str, how: str) -> None:
-        """Raise UNAUTHENTICATED unless no keys are configured or `key` is one of them (`how`: where to put it)."""
-        if not self._key_hashes:
-            return
-        if not key:
-            logger.warning("refused a request without an API key from %s", peer)
-            raise Status(grpc.StatusCode.UNAUTHENTICATED, f"missing API key ({how})")
-        digest = hashlib.sha256(key.encode()).hexdigest()
-        if not any(hmac.compare_digest(digest, h) for h in self._key_hashes):
-            logger.warning("refused a request with an unknown API key from %s", peer)   # never the key itself
-            raise Status(grpc.StatusCode.UNAUTHENTICATED, "invalid API key")
+    def check_key(self, key: str | None, peer: str, how: str) -> str | None:
+        """The key's digest (None when no keys are configured); raises UNAUTHENTICATED unless `key` is one of
+        them (`how`: where to put it)."""
+        return self.access.authenticate(key, peer, how)
 
     def _load(self, pool: str) -> float:
         spec = self.pools[pool]
@@ -323,14 +377,23 @@ class Router:
         self.metrics.set_inflight(pool, self._inflight[pool])
 
     async def _record(self, call: GenerateCall, choice: Choice, rid: str, status: str, t0: float,
-                      result: Result | None = None, ttft_s: float = 0.0) -> None:
-        """Append the outcome durably (before the reply leaves) and count it."""
+                      result: Result | None = None, ttft_s: float = 0.0, receipt: Receipt | None = None) -> None:
+        """Append the outcome durably (before the reply leaves) and count it; `receipt` learns whether it is on
+        disk, and the caller's quota is charged its tokens."""
         outcome = make_outcome(call, choice, rid, status, time.perf_counter() - t0, result, ttft_s)
+        if receipt is not None:
+            self.access.charge(receipt.key, outcome.prompt_tokens + outcome.completion_tokens)
+        recorded = True
         try:
             await self.log.append_async(outcome)
-        except OSError as exc:   # a full disk must not take the service down; it is loud in the logs
-            logger.error("outcome log append failed: %s", exc)
+        except OSError as exc:   # OutcomeNotRecorded (kept for retry) or worse: loud in the log, told to the client
+            logger.error("request %s: outcome not recorded: %s", rid, exc)
+            recorded = False
+            self.metrics.unrecorded(outcome)
+            self.metrics.outcome_log(self.log_stats())
         self.metrics.finished(outcome)
+        if receipt is not None:
+            receipt.outcome_recorded = recorded
 
     def refused(self, status: Status) -> Status:
         """Count a refusal that no outcome recorded (bad input, auth, no pool...)."""
@@ -357,6 +420,16 @@ class Router:
 
 
 _EMPTY_INFO = ServiceInfo((), (), "", 0, 0)
+
+
+def _trailers(grpc_context, receipt: Receipt) -> None:
+    if grpc_context is not None and receipt.outcome_recorded is not None:
+        grpc_context.set_trailing_metadata(receipt.metadata())
+
+
+def _model_name(path: str | None) -> str:
+    """What a client learns of a checkpoint: its directory's name, never the path on the node."""
+    return Path(path).name if path else ""
 
 
 async def _until(items: AsyncIterator[Any], deadline: float | None) -> AsyncIterator[Any]:

@@ -99,3 +99,12 @@ def test_the_cluster_serve_config_fits_the_launcher_s_nodes():
         assert fits, f"pool {pool.name} needs {need} on one node"
     assert cfg.router.resources and all(types["head"]["resources"].get(k, 0) >= v
                                         for k, v in cfg.router.resources.items())
+
+
+def test_the_cluster_keeps_token_auth_and_the_dashboard_off_public_interfaces():
+    data = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    head = " ".join(data["head_start_ray_commands"])
+    workers = " ".join(data["worker_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in head and "RAY_AUTH_MODE=token" in workers
+    assert "--dashboard-host=0.0.0.0" not in head and "--dashboard-host=127.0.0.1" in head
+    assert "~/.ray/auth_token" in data["file_mounts"]

@@ -118,3 +118,60 @@ def test_serve_then_generate_then_abrupt_stop_loses_no_acknowledged_outcome(serv
     assert len(snapshot) >= 40
     logged = {o.request_id for o in read_outcomes(outcome_files(outcomes))}
     assert set(snapshot) <= logged
+
+
+def _wait_serving(proc, port: int, limit_s: float = 600) -> None:
+    deadline, seen = time.monotonic() + limit_s, []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if "serving gRPC on" in line:
+            break
+    assert any(f"127.0.0.1:{port}" in line for line in seen), "".join(seen[-30:])
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_sigterm_leaves_no_ray_process_and_no_port_behind(serve_config):
+    """Direct ingress (as shipped: the Router replica holds the port). After SIGTERM the command exits, and within
+    a bounded wait none of the processes it started (raylet, GCS, DashboardAgent, RuntimeEnvAgent, workers) is
+    alive and both ports are free."""
+    import psutil
+
+    from metaspec.deploy.app import LOW_LATENCY_ENV
+
+    path, port, _ = serve_config
+    config = yaml.safe_load(path.read_text())
+    config["controller_options"]["runtime_env"]["env_vars"] |= LOW_LATENCY_ENV | {
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(port), "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http := _free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http)}
+    config["grpc_options"]["port"], config["http_options"]["port"] = _free_port(), _free_port()   # fallback proxy
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([sys.executable, "-m", "metaspec.cli", "serve", "--config", str(path), "--num-cpus", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        _wait_serving(proc, port)
+        with Client(f"127.0.0.1:{port}", timeout_s=120) as client:
+            assert client.generate("hi", max_tokens=2).completion_tokens == 2
+        started = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in started if p.is_running())
+        assert "raylet" in names and "gcs_server" in names, names
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=90)
+        _, alive = psutil.wait_procs(started, timeout=15)
+        left = [(p.pid, p.name()) for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, (left, proc.stdout.read()[-3000:])
+        assert _port_free(port) and _port_free(http)
+    finally:
+        _kill_session(proc.pid)
+        proc.wait(timeout=60)

@@ -19,29 +19,24 @@ from metaspec.deploy.app import LOW_LATENCY_ENV, ServeOptions, start
 from metaspec.deploy.config import hash_api_key, load_app_config
 from metaspec.protocol.client import Client
 
+from .conftest import QUICK_SHUTDOWN, stop_serve
 from .test_service import SLOW_MACHINE, _free_port, wait_for
 
 
 KEY = "http-key-1"
 APP = "metaspec-http"
 MODEL = "metaspec"
-# Direct ingress keeps a stopping Router replica draining for 30 s by default: the teardown need not wait.
-QUICK_SHUTDOWN = {"RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
 LONG = {"max_tokens": 600, "extra_body": {"ignore_eos": True, "metaspec": {"method": "ar"}}}
 
 
 @pytest.fixture(scope="module")
-def service(tiny_pair, tmp_path_factory):
-    import ray
-    from ray import serve
-
+def service(ray_local, tiny_pair, tmp_path_factory):
     cfg = load_app_config({
         "pools": [{"name": "a", "target": tiny_pair.target, "drafter": tiny_pair.drafter, "tables": None,
                    "max_ongoing_requests": 1, "max_queued_requests": 1}],
         "router": {"outcome_dir": str(tmp_path_factory.mktemp("outcomes")), "default_max_tokens": 16,
                    "max_tokens_limit": 600, "api_key_hashes": [hash_api_key(KEY)], "pool_watch_s": 0.2,
                    "methods": ["sps", "ar"]}})
-    ray.init(address="local", num_cpus=3, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         grpc_port, http_port = _free_port(), _free_port()
         start(cfg, ServeOptions(grpc_port=grpc_port, http_port=http_port, proxy_grpc_port=_free_port(),
@@ -50,8 +45,7 @@ def service(tiny_pair, tmp_path_factory):
         root = f"http://127.0.0.1:{http_port}"
         yield {"root": root, "base_url": f"{root}/v1", "grpc": f"127.0.0.1:{grpc_port}"}
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_serve()
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +159,10 @@ def test_models_and_health(client, service):
     assert {"ar", "sps", "pld"} <= set(model.metaspec["methods"]) and "sps" in model.metaspec["pools"]["a"]["methods"]
     anonymous = openai.OpenAI(base_url=service["root"], api_key="unused", max_retries=0)
     health = anonymous.get("/health", cast_to=object, options={"headers": {"Authorization": openai.omit}})  # no key
+    assert health == {"status": "alive"}                 # liveness only: nothing about pools without a key
+    health = client.get("/../health", cast_to=object)   # (base_url ends in /v1)
     assert health["status"] == "ok" and health["pools"] == [{"name": "a", "ok": True, "detail": ""}]
+    assert health["outcome_log"]["appended"] >= 1 and "file" not in health["outcome_log"]
 
 
 def test_http_and_grpc_share_one_router(client, service):

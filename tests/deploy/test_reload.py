@@ -21,6 +21,7 @@ from metaspec.protocol.client import Client, ServiceError
 from metaspec.workers.outcome_log import outcome_files, read_outcomes
 
 from ..selector.synth import HARDWARE, synthetic_outcomes
+from .conftest import QUICK_SHUTDOWN, stop_serve
 from .test_service import SLOW_MACHINE, _free_port, redis_server, wait_for   # noqa: F401 (a fixture)
 
 APP = "metaspec-reload"
@@ -76,8 +77,7 @@ def replicas(deployment: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def app(tiny_pair, tmp_path_factory, redis_server):
-    import ray
+def app(ray_local, tiny_pair, tmp_path_factory, redis_server):
     from ray import serve
     from ray.serve.config import gRPCOptions
 
@@ -90,19 +90,16 @@ def app(tiny_pair, tmp_path_factory, redis_server):
                        "tables": {"redis_url": redis_server.url}}],
             "router": {"selector": str(watched), "explore": 0.0, "selector_check_s": CHECK_S,
                        "outcome_dir": str(root / "outcomes"), "default_max_tokens": 4}}
-    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
-             log_to_driver=False)
     try:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": _free_port()},
                     grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[GRPC_SERVICER]),
-                    controller_options={"runtime_env": {"env_vars": SLOW_MACHINE}})
+                    controller_options={"runtime_env": {"env_vars": SLOW_MACHINE | QUICK_SHUTDOWN}})
         deploy(args, port)
         wait_for(running, "the app to run", 300)
         yield App(f"127.0.0.1:{port}", root / "outcomes", files, watched, args)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_serve()
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +221,51 @@ def router_logs() -> list[Path]:
 
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
     return sorted(logs.glob(f"replica_{APP}_Router_*.log"))
+
+
+@pytest.mark.parametrize("ids", [[512], [1, 2, 512], [-1]], ids=["vocab", "vocab-last", "negative"])
+def test_token_ids_outside_the_vocabulary_are_invalid_argument_under_the_learnt_selector(app, client, ids):
+    """The learnt selector featurizes the prompt before any worker sees it: the ids are checked against the pools'
+    vocabulary (512 in the tiny pair) before it does, so they are a bad argument, never INTERNAL."""
+    with pytest.raises(ServiceError) as err:
+        client.generate(ids, max_tokens=2)
+    assert err.value.code == "INVALID_ARGUMENT" and "prompt_ids must be token ids in" in err.value.message
+    assert client.generate("still serving", max_tokens=1).completion_tokens == 1
+
+
+def test_api_keys_rotate_and_quotas_apply_in_place_through_user_config(app, client):
+    """`serve deploy` with a changed Router user_config: keys are required, then rotated, and a key over its
+    request quota answers RESOURCE_EXHAUSTED; no Router replica restarts. (Last: it leaves the app without keys.)"""
+    from metaspec.deploy.config import hash_api_key
+
+    routers = replicas("Router")
+    selector = {"selector": str(app.watched), "explore": 0.0, "selector_check_s": CHECK_S}
+    deploy(app.args, int(app.address.rsplit(":", 1)[1]), selector | {
+        "api_key_hashes": [hash_api_key("key-1")], "key_quota": {"requests_per_min": 4}})
+
+    def refused(key: str | None) -> str | None:
+        with Client(app.address, api_key=key, timeout_s=60) as other:
+            try:
+                other.generate("who?", max_tokens=1)
+                other.health()
+            except ServiceError as exc:
+                return exc.code
+        return None
+
+    wait_for(lambda: refused(None) == "UNAUTHENTICATED", "keys to be required", 120)
+    assert refused("key-1") is None                                  # 2 of key-1's 4 requests this minute
+    deploy(app.args, int(app.address.rsplit(":", 1)[1]), selector | {
+        "api_key_hashes": [hash_api_key("key-1"), hash_api_key("key-2")], "key_quota": {"requests_per_min": 4}})
+    wait_for(lambda: refused("key-2") is None, "key-2 to be accepted", 120)
+    with Client(app.address, api_key="key-1", timeout_s=60) as one:
+        codes = []
+        for _ in range(4):
+            try:
+                one.generate("quota", max_tokens=1)
+                codes.append("OK")
+            except ServiceError as exc:
+                codes.append(exc.code)
+    assert codes[-1] == "RESOURCE_EXHAUSTED" and codes.count("OK") >= 1, codes
+    deploy(app.args, int(app.address.rsplit(":", 1)[1]), selector | {"api_key_hashes": [hash_api_key("key-2")]})
+    wait_for(lambda: refused("key-1") == "UNAUTHENTICATED", "key-1 to be revoked", 120)
+    assert replicas("Router") == routers                             # in place: the same replica throughout

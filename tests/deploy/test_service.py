@@ -5,7 +5,9 @@ One app per module (starting Ray and Serve is the slow part). Pool `a` has the d
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import socket
 import subprocess
@@ -24,6 +26,8 @@ from metaspec.protocol.client import API_KEY_HEADER, Client, ServiceError
 from metaspec.protocol.types import Constraint
 from metaspec.workers.outcome_log import gather_cluster, outcome_files, read_outcomes
 
+from .conftest import QUICK_SHUTDOWN, stop_serve
+
 KEY = "test-key-1"
 APP = "metaspec-test"
 MAX_TOKENS_LIMIT = 600
@@ -38,6 +42,22 @@ class Service:
     address: str
     outcome_dir: Path
     ingress: str
+    http: str = ""               # root URL of the OpenAI HTTP API
+
+
+def small_disk(path: Path, size: str = "16m") -> Path:
+    """`path` with a tmpfs of `size` mounted on it when this machine allows mounting (root), else as it is."""
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True,
+                       capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return path
+
+
+def release_disk(path: Path) -> None:
+    if os.path.ismount(path):
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True, timeout=30)
 
 
 def _free_port() -> int:
@@ -73,13 +93,11 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=["direct", "proxy"])
-def service(request, tiny_pair, tmp_path_factory, redis_server):
+def service(request, ray_local, tiny_pair, tmp_path_factory, redis_server):
     """The app behind each ingress Serve offers: Router replicas serving gRPC themselves (direct, the shipped
-    deploy/metaspec.yaml) or Serve's gRPC proxy in front of them (proxy)."""
-    import ray
-    from ray import serve
-
-    outcome_dir = tmp_path_factory.mktemp("outcomes")
+    deploy/metaspec.yaml) or Serve's gRPC proxy in front of them (proxy). Its outcome log is on a small disk of
+    its own where the machine lets the test mount one (a test fills it)."""
+    outcome_dir = small_disk(tmp_path_factory.mktemp("outcomes"))
     cfg = load_app_config({
         "pools": [{"name": "a", "target": tiny_pair.target, "drafter": tiny_pair.drafter,
                    "max_ongoing_requests": 2, "max_queued_requests": 2, "tables": {"redis_url": redis_server.url}},
@@ -88,15 +106,15 @@ def service(request, tiny_pair, tmp_path_factory, redis_server):
         "router": {"outcome_dir": str(outcome_dir), "default_max_tokens": 16, "max_tokens_limit": MAX_TOKENS_LIMIT,
                    "max_prompt_chars": 20_000, "api_key_hashes": [hash_api_key(KEY)]}})
     redis_server.ensure_running()       # each ingress's app starts with Redis up (a test stops it)
-    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
-        port = _free_port()
-        start(cfg, ServeOptions(grpc_port=port, http_port=_free_port(), max_message_bytes=MAX_MESSAGE, app_name=APP,
-                                controller_env=SLOW_MACHINE | (LOW_LATENCY_ENV if request.param == "direct" else {})))
-        yield Service(f"127.0.0.1:{port}", outcome_dir, request.param)
+        port, http_port = _free_port(), _free_port()
+        env = SLOW_MACHINE | QUICK_SHUTDOWN | (LOW_LATENCY_ENV if request.param == "direct" else {})
+        start(cfg, ServeOptions(grpc_port=port, http_port=http_port, max_message_bytes=MAX_MESSAGE, app_name=APP,
+                                controller_env=env))
+        yield Service(f"127.0.0.1:{port}", outcome_dir, request.param, f"http://127.0.0.1:{http_port}")
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_serve()
+        release_disk(outcome_dir)
 
 
 @pytest.fixture(scope="module")
@@ -184,9 +202,12 @@ def test_override_reaches_the_pool_that_can_run_it(client):
     assert client.generate("hello", max_tokens=4, method="ar").method == "ar"
 
 
-def test_health_needs_no_key_and_reports_every_pool(service):
-    with Client(service.address) as anonymous:
-        health = anonymous.health()
+def test_health_needs_a_key_and_reports_every_pool(service, client):
+    for key, message in ((None, "missing API key"), ("wrong", "invalid API key")):
+        with Client(service.address, api_key=key) as other, pytest.raises(ServiceError, match=message) as err:
+            other.health()
+        assert err.value.code == "UNAUTHENTICATED"
+    health = client.health()
     assert health.serving and {(p.name, p.ok) for p in health.pools} == {("a", True), ("b", True)}
 
 
@@ -198,6 +219,7 @@ def test_list_methods(client):
     assert "sps" in pools["a"].methods and "sps" not in pools["b"].methods and "pld" in pools["b"].methods
     assert {"ngram_store", "recycling"} <= set(pools["a"].methods) and "ngram_store" not in pools["b"].methods
     assert pools["a"].max_context == 1024 and pools["b"].drafter == ""
+    assert (pools["a"].target, pools["a"].drafter) == ("target", "drafter")     # names, never paths on the node
     assert (info.selector_version, info.max_tokens_limit, info.default_max_tokens) == ("fixed", MAX_TOKENS_LIMIT, 16)
 
 
@@ -214,7 +236,7 @@ BAD_INPUTS = [
     ("empty prompt", "", {}, "INVALID_ARGUMENT", "prompt is empty"),
     ("empty token ids", [], {}, "INVALID_ARGUMENT", "prompt is empty"),
     ("token id out of vocab", [1, 2, 99999], {}, "INVALID_ARGUMENT", r"prompt_ids must be token ids in \[0, 512\)"),
-    ("prompt over context", [5] * 1100, {}, "INVALID_ARGUMENT", "prompt has 1100 tokens; the model's context is 1024"),
+    ("prompt over context", [5] * 1100, {}, "INVALID_ARGUMENT", "prompt has 1100 tokens; (the model's context is|this replica serves contexts up to) 1024"),
     ("prompt over char limit", "x" * 20_001, {}, "INVALID_ARGUMENT", "20001 characters; the limit is 20000"),
     ("max_tokens 0", "hi", {"max_tokens": 0}, "INVALID_ARGUMENT", "max_tokens must be an integer > 0, got 0"),
     ("max_tokens negative", "hi", {"max_tokens": -3}, "INVALID_ARGUMENT", "max_tokens must be an integer > 0"),
@@ -303,11 +325,72 @@ def test_oversize_message_is_resource_exhausted(service, client):
 def test_api_key_is_required(service, client, key, message):
     with Client(service.address, api_key=key) as other:
         for call in (lambda: other.generate("hi", max_tokens=2), lambda: list(other.stream("hi", max_tokens=2)),
-                     other.list_methods):
+                     other.list_methods, other.health):
             with pytest.raises(ServiceError, match=message) as err:
                 call()
             assert err.value.code == "UNAUTHENTICATED"
     _still_serving(client)
+
+
+# ---- an outcome log that cannot write: the reply says so ----------------------------------------------------
+
+def _trailer(call, key: str) -> str | None:
+    return dict(call.trailing_metadata() or ()).get(key)
+
+
+def _http_completion(service: Service, prompt: str) -> dict:
+    import json
+    import urllib.request
+
+    body = json.dumps({"model": "metaspec", "prompt": prompt, "max_tokens": 2}).encode()
+    request = urllib.request.Request(f"{service.http}/v1/completions", body, method="POST",
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        return json.loads(resp.read())
+
+
+def test_an_unrecorded_outcome_is_not_acknowledged_as_recorded(service, client):
+    """Contract: with the log's disk full the reply still goes out, marked `outcome-recorded: false` (gRPC
+    trailing metadata; HTTP metaspec.outcome_recorded); a metric and Health count it; once the disk has room the
+    kept record is written by the log's retry."""
+    from metaspec.protocol import convert
+
+    if not os.path.ismount(service.outcome_dir):
+        pytest.skip("this machine does not let the test mount a small disk for the outcome log")
+    stub, meta = client.stub, ((API_KEY_HEADER, KEY),)
+    _, call = stub.Generate.with_call(convert.make_request("recorded", max_tokens=2), timeout=60, metadata=meta)
+    assert _trailer(call, "outcome-recorded") == "true"
+    filler = service.outcome_dir / "filler"
+    with open(filler, "wb", buffering=0) as f:            # fill the disk to its last byte
+        for chunk in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError:
+                pass
+    try:
+        for i in range(12):        # the log file's last page may still take a record or two
+            reply, call = stub.Generate.with_call(convert.make_request("unrecorded", max_tokens=2,
+                                                                       request_id=f"unrecorded-{i}"),
+                                                  timeout=60, metadata=meta)
+            assert reply.completion_tokens == 2
+            if _trailer(call, "outcome-recorded") == "false":
+                break
+        assert _trailer(call, "outcome-recorded") == "false"
+        stream = stub.GenerateStream(convert.make_request("unrecorded", max_tokens=2), timeout=60, metadata=meta)
+        assert list(stream) and _trailer(stream, "outcome-recorded") == "false"
+        assert _http_completion(service, "unrecorded")["metaspec"]["outcome_recorded"] is False
+        _, call = stub.Health.with_call(convert.health_request(), timeout=60, metadata=meta)
+        stats = json.loads(_trailer(call, "outcome-log"))
+        assert stats["unrecorded"] >= 3 and stats["pending_retry"] >= 1
+        text = wait_for(lambda: t if "metaspec_outcomes_unrecorded_total" in (t := _scrape()) else None,
+                        "the unrecorded counter to be exported", 90)
+        assert any(line.startswith("ray_metaspec_outcomes_unrecorded_total") and float(line.rsplit(" ", 1)[1]) >= 3
+                   for line in text.splitlines())
+    finally:
+        filler.unlink()
+    wait_for(lambda: f"unrecorded-{i}" in logged(service), "the kept record to be retried onto the disk", 60)
+    assert _http_completion(service, "recorded again")["metaspec"]["outcome_recorded"] is True
 
 
 # ---- cancellation, deadlines, backpressure ------------------------------------------------------------------
