@@ -266,7 +266,9 @@ def _collect(args) -> int:
         cfg = CollectConfig(
             target=args.target, drafter=_drafter(args.drafter), dtype=args.dtype, threads=args.threads,
             arms=_csv(args.arms), categories=_csv(args.categories), n_per_category=args.n_per_category,
-            max_tokens=args.max_tokens, temperatures=tuple(float(t) for t in _csv(args.temperatures) or ("0",)),
+            max_tokens=tuple(int(n) for n in _csv(args.max_tokens)),
+            temperatures=tuple(float(t) for t in _csv(args.temperatures) or ("0",)),
+            concurrency=tuple(int(c) for c in _csv(args.concurrency) or ("1",)), constrain=not args.no_constraints,
             repeats=args.repeats, ignore_eos=not args.stop_at_eos, seed=args.seed, data_dir=args.data_dir,
             pool=args.pool, hardware_json=args.hardware)
         summary = collect(cfg, Path(args.out), append=args.append)
@@ -275,6 +277,8 @@ def _collect(args) -> int:
         return 2
     print(f"{summary['records']} outcome records ({summary['prompts']} prompts x {', '.join(summary['methods'])}) "
           f"in {summary['wall_s']} s -> {summary['out']}")
+    if summary["dropped_prompts"]:
+        print(f"left out (schema not servable): {', '.join(summary['dropped_prompts'])}", file=sys.stderr)
     return 0
 
 
@@ -320,8 +324,11 @@ def _add_selector_commands(sub) -> None:
     p.add_argument("--categories", default=None, help="comma list (default: Spec-Bench groups, humaneval, gsm8k, "
                                                       "json_schema)")
     p.add_argument("--n-per-category", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", default="64", help="comma list; each (prompt, temperature, concurrency) draws one")
     p.add_argument("--temperatures", default="0", help="comma list; each prompt runs once per temperature")
+    p.add_argument("--concurrency", default="1", help="comma list of levels: that many requests of one arm decode "
+                                                      "together; each prompt runs at each level")
+    p.add_argument("--no-constraints", action="store_true", help="json_schema prompts run without their schema")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--stop-at-eos", action="store_true", help="stop at EOS (default: emit max-tokens every run)")
     p.add_argument("--seed", type=int, default=0)

@@ -28,6 +28,7 @@ class Prompt:
     prompt_id: str    # source-qualified id, e.g. "specbench/321", "HumanEval/0", "gsm8k/17"
     category: str     # one of CATEGORIES
     text: str         # the prompt as the model sees it (first turn only for multi-turn rows)
+    schema: str | None = None   # JSON Schema (JSON text) the answer must match, for `json_schema` prompts
 
 
 def find_data_dir(start: Path | None = None) -> Path:

@@ -3,7 +3,8 @@
 A policy gives each request a weight per arm (1 on the chosen arm; uniform for `random`). On the requests that
 every arm served: routed throughput = Σ tokens / Σ wall time of the chosen runs, as a fraction of the oracle's
 (which always picks the fastest measured arm); top-1 = share of requests where the choice is the oracle's;
-regret = oracle tokens/s − chosen tokens/s, averaged over requests.
+regret = oracle tokens/s − chosen tokens/s, averaged over requests. Every metric is also given per slice: per
+category, per concurrency level (requests decoded together) and per temperature.
 
 >>> # metrics = evaluate(table, {"rf": oof_predictions(table, "rf")})
 """
@@ -82,8 +83,40 @@ def compare(table: Table, requests: Mapping[str, dict[str, list[int]]], preds: M
     return {name: policy_metrics(table, requests, w) for name, w in policies.items()}
 
 
+SLICES = ("category", "concurrency", "temperature")   # Table columns the evaluation breaks down by
+
+
+def slice_requests(table: Table, requests: Mapping[str, dict[str, list[int]]], column: str
+                   ) -> dict[str, dict[str, dict[str, list[int]]]]:
+    """Requests grouped by one Table column's value (a request's rows share it), in sorted value order."""
+    values = getattr(table, column)
+    out: dict = {}
+    for key, rows in requests.items():
+        out.setdefault(values[rows[next(iter(rows))][0]], {})[key] = rows
+    return {_label(column, v): out[v] for v in sorted(out)}
+
+
+def _label(column: str, value) -> str:
+    if column == "concurrency":
+        return f"c={value}"
+    return f"t={value:g}" if column == "temperature" else str(value)
+
+
+def sliced(table: Table, requests: Mapping[str, dict[str, list[int]]], preds: Mapping[str, np.ndarray],
+           fixed_arm: str, column: str) -> dict[str, dict]:
+    """compare() on each slice, plus `best_fixed`: the arm best on that slice in hindsight (its name in `arm`)."""
+    out = {}
+    for name, sub in slice_requests(table, requests, column).items():
+        block = compare(table, sub, preds, fixed_arm)
+        best = best_fixed_arm(table, sub)
+        block["best_fixed"] = policy_metrics(table, sub, fixed_policy(sub, best)) | {"arm": best}
+        out[name] = block
+    return out
+
+
 def cross_validated(table: Table, kinds: tuple[str, ...] = MODEL_KINDS, n_splits: int = 5, seed: int = 0) -> dict:
-    """Grouped-CV evaluation: overall and per category, every model kind against the baselines."""
+    """Grouped-CV evaluation: overall and per category, concurrency level and temperature, every model kind
+    against the baselines (and, per slice, the arm best on that slice)."""
     requests = by_request(table)
     if not requests:
         raise ValueError("no request was served by every arm: evaluation needs collect runs")
@@ -91,11 +124,8 @@ def cross_validated(table: Table, kinds: tuple[str, ...] = MODEL_KINDS, n_splits
     fixed = best_fixed_arm(table, requests)
     overall = compare(table, requests, preds, fixed)
     best_kind = max(kinds, key=lambda k: overall[k]["oracle_frac"])
-    per_category = {}
-    for cat in sorted({table.category[rows[next(iter(rows))][0]] for rows in requests.values()}):
-        sub = {k: r for k, r in requests.items() if table.category[r[next(iter(r))][0]] == cat}
-        per_category[cat] = compare(table, sub, preds, fixed)
-    return {"best_kind": best_kind, "best_fixed_arm": fixed, "overall": overall, "per_category": per_category,
+    return {"best_kind": best_kind, "best_fixed_arm": fixed, "overall": overall,
+            **{f"per_{c}": sliced(table, requests, preds, fixed, c) for c in SLICES},
             "requests": len(requests), "rows": len(table), "folds": n_splits}
 
 

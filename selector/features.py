@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2                  # 2: the pool's batch load (load_features); 1 lacked it
 ACCELERATORS = ("cpu", "T4", "L4", "A10G", "V100", "A100", "H100", "H200", "other")  # one-hot order
 TAIL_TOKENS = 64                     # the prompt tail whose repetition best predicts prompt-lookup hits
 _CODE_PUNCT = b"{}[]();:<>_#\\|`'\"@$&"
@@ -157,9 +157,50 @@ def ngram_tail_hit_rate(table, order: int = 3, tail: int = 32) -> Callable[[Sequ
     return hit_rate
 
 
-def pool_features(hardware: Mapping[str, float | str], load: float) -> dict[str, float]:
+def load_features(running: int, waiting: int, slots_free: int, slots: int) -> dict[str, float]:
+    """The replica's batch at choice time, from the worker's cheap counters: requests in the step loop's batch,
+    requests queued for a KV slot, and the share of KV slots held. The request being chosen for is not counted.
+
+    >>> load_features(running=3, waiting=0, slots_free=13, slots=16)
+    {'load_running': 3.0, 'load_running_log': 1.3862943611198906, 'load_waiting': 0.0, 'load_kv_used': 0.1875}
+    """
+    slots = max(int(slots), 1)
+    return {
+        "load_running": float(max(running, 0)),
+        "load_running_log": math.log1p(max(running, 0)),
+        "load_waiting": float(max(waiting, 0)),
+        "load_kv_used": min(max(1.0 - slots_free / slots, 0.0), 1.0),
+    }
+
+
+IDLE_LOAD = load_features(0, 0, 1, 1)   # what feature-version-1 records (collected one request at a time) saw
+
+
+def worker_load_features(stats, slots: int | None = None) -> dict[str, float]:
+    """load_features from a worker's stats (`workers.worker.WorkerCounters`-like: running, waiting and, when it
+    has them, slots_free/slots); `slots` (the pool's max_batch) stands in when the stats do not carry it."""
+    running, waiting = int(getattr(stats, "running", 0)), int(getattr(stats, "waiting", 0))
+    total = int(getattr(stats, "slots", 0) or slots or max(running, 1))
+    free = getattr(stats, "slots_free", None)
+    return load_features(running, waiting, total - running if free is None else int(free), total)
+
+
+def inflight_load_features(inflight: int, replicas: int, max_batch: int) -> dict[str, float]:
+    """load_features from what a router counts itself, with no call to the workers: its requests in flight on a
+    pool, spread evenly over the pool's replicas of `max_batch` KV slots each.
+
+    >>> inflight_load_features(inflight=40, replicas=2, max_batch=16)["load_waiting"]
+    4.0
+    """
+    per_replica = max(inflight, 0) / max(replicas, 1)
+    running = min(per_replica, max_batch)
+    return load_features(running, per_replica - running, max_batch - running, max_batch)
+
+
+def pool_features(hardware: Mapping[str, float | str], load: float,
+                  batch: Mapping[str, float] | None = None) -> dict[str, float]:
     """A pool's hardware profile and current load. Keys read from `hardware` (all optional): accelerator,
-    mem_gb, rel_speed, cores, devices."""
+    mem_gb, rel_speed, cores, devices. `batch` is its replica's load_features (None = idle)."""
     accel = str(hardware.get("accelerator", "cpu"))
     accel = accel if accel in ACCELERATORS else "other"
     feats = {f"pool_accel={name}": float(name == accel) for name in ACCELERATORS}
@@ -170,8 +211,21 @@ def pool_features(hardware: Mapping[str, float | str], load: float) -> dict[str,
         "pool_devices": float(hardware.get("devices", 1.0)),
         "pool_load": float(load),
     })
+    feats.update({k: float((batch or {}).get(k, v)) for k, v in IDLE_LOAD.items()})
     return feats
+
+
+def upgrade(features: Mapping[str, float]) -> dict[str, float] | None:
+    """A recorded feature dict in this version's terms, or None when it cannot be (an unknown version).
+    Version 1 lacked the load features: its records were collected on an idle replica, so they get IDLE_LOAD."""
+    version = features.get("feature_version", FEATURE_VERSION)
+    if version == FEATURE_VERSION:
+        return dict(features)
+    if version == 1:
+        return {**IDLE_LOAD, **features, "feature_version": float(FEATURE_VERSION)}
+    return None
 
 
 REQUEST_FEATURES = tuple(request_features(RequestInput(prompt_ids=(1,))))
 POOL_FEATURES = tuple(pool_features({}, 0.0))
+LOAD_FEATURES = tuple(IDLE_LOAD)

@@ -1,4 +1,5 @@
-"""`metaspec eval-selector`: grouped-CV and leave-one-category-out routing quality as JSON, a table and a plot."""
+"""`metaspec eval-selector`: grouped-CV and leave-one-category-out routing quality, overall and per category,
+concurrency level and temperature, as JSON, a table and a plot."""
 
 from __future__ import annotations
 
@@ -60,20 +61,52 @@ def _policies(block: dict, best_kind: str) -> list[str]:
             "random"]
 
 
-def format_table(result: dict) -> str:
-    """Rows: overall, each category, each left-out category; columns: oracle fraction per policy (+ top-1)."""
-    best = result["best_kind"]
-    lines = [f"selector = {best} (best by grouped {result['folds']}-fold CV) · {result['requests']} requests, "
-             f"{result['rows']} runs · best fixed arm {result['best_fixed_arm']}",
-             "routed throughput / oracle (top-1 accuracy):"]
-    policies = [p for p in _policies(result["overall"], best) if p in result["overall"]]
-    head = f"{'':<22}" + "".join(f"{p[:16]:>18}" for p in policies)
-    lines.append(head)
-    blocks = [("overall", result["overall"])] + list(result["per_category"].items())
-    for name, block in blocks:
+SLICE_BLOCKS = ("per_category", "per_concurrency", "per_temperature")
+
+
+def _blocks(result: dict) -> list[tuple[str, dict]]:
+    """("overall", block), then every slice's (name, block) in SLICE_BLOCKS order."""
+    return [("overall", result["overall"])] + [(name, block) for part in SLICE_BLOCKS
+                                               for name, block in result.get(part, {}).items()]
+
+
+def _oracle_table(result: dict, policies: list[str]) -> list[str]:
+    lines = ["routed throughput / oracle (top-1 accuracy):", f"{'':<22}" + "".join(f"{p[:16]:>18}" for p in policies)]
+    for name, block in _blocks(result):
         cells = [f"{block[p]['oracle_frac']:.3f} ({block[p]['top1']:.2f})" if block.get(p, {}).get("requests")
                  else "-" for p in policies]
         lines.append(f"{name:<22}" + "".join(f"{c:>18}" for c in cells))
+    return lines
+
+
+def _regret_table(result: dict) -> list[str]:
+    """Per slice: tokens/s of the selector, the overall best fixed arm, the slice's own best arm and the oracle;
+    the selector's ratio to each fixed arm; its mean regret against the per-request oracle."""
+    best = result["best_kind"]
+    lines = [f"\ntokens/s per slice ({best} | fixed = best arm overall | slice-best = best arm on the slice, in "
+             "hindsight | oracle); regret = mean per-request oracle tokens/s - chosen:",
+             f"{'':<16}{'reqs':>6}{best:>9}{'fixed':>9}{'slice-best':>22}{'oracle':>9}{'x fixed':>9}"
+             f"{'x slice-best':>14}{'regret':>9}"]
+    for name, block in _blocks(result):
+        fixed = next((k for k in block if k.startswith("fixed:")), None)
+        sel, orc, sb = block[best], block["oracle"], block.get("best_fixed")
+        f_tps = block[fixed]["tokens_per_s"] if fixed else float("nan")
+        sb_cell = f"{sb['arm'].split('/')[-1]} {sb['tokens_per_s']:.1f}" if sb else "-"
+        sb_ratio = f"{sel['tokens_per_s'] / sb['tokens_per_s']:.3f}" if sb else "-"
+        lines.append(f"{name:<16}{sel['requests']:>6}{sel['tokens_per_s']:>9.1f}{f_tps:>9.1f}{sb_cell:>22}"
+                     f"{orc['tokens_per_s']:>9.1f}{sel['tokens_per_s'] / f_tps:>9.3f}{sb_ratio:>14}"
+                     f"{sel['mean_regret_tps']:>9.1f}")
+    return lines
+
+
+def format_table(result: dict) -> str:
+    """Rows: overall, each category, concurrency level and temperature, each left-out category; columns: oracle
+    fraction per policy (+ top-1); then tokens/s and regret per slice."""
+    best = result["best_kind"]
+    lines = [f"selector = {best} (best by grouped {result['folds']}-fold CV) · {result['requests']} requests, "
+             f"{result['rows']} runs · best fixed arm {result['best_fixed_arm']}"]
+    lines += _oracle_table(result, [p for p in _policies(result["overall"], best) if p in result["overall"]])
+    lines += _regret_table(result)
     if result.get("leave_one_category_out"):
         lines.append(f"\nleave one category out ({best} trained on the others; fixed = best arm on the others):")
         for cat, block in result["leave_one_category_out"].items():
@@ -104,7 +137,7 @@ def plot(result: dict, path: Path) -> None:
     import numpy as np
 
     best = result["best_kind"]
-    blocks = [("overall", result["overall"])] + list(result["per_category"].items())
+    blocks = _blocks(result)
     policies = [p for p in _policies(result["overall"], best) if p != "oracle"]
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(blocks)), 4.5))
     width = 0.8 / len(policies)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import argmax_policy, policy_metrics
+from .evaluate import argmax_policy, best_fixed_arm, fixed_policy, policy_metrics
 from .model import SelectorFileError, SelectorModel
 from .train import MODEL_KINDS, Table, build_table, by_request, fit_model, load_outcomes, oof_predictions, \
     predict_table
@@ -77,7 +77,7 @@ def retrain(outcome_paths: list[str | Path], current: str | Path | None, out: st
     new = fit_model(train_t, kind, cfg.seed, meta)
     new_score, metric = score(predict_table(new, hold_t), hold_t)
     report |= {"kind": kind, "cv_scores": cv, "metric": metric, "new_score": new_score,
-               "holdout_rows": len(hold_t)}
+               "holdout_rows": len(hold_t), **fixed_baseline(train_t, hold_t)}
     current_score, current_error = None, None
     if current and Path(current).exists():
         try:
@@ -92,6 +92,18 @@ def retrain(outcome_paths: list[str | Path], current: str | Path | None, out: st
     new.save(out, _probe_rows(new, table))      # atomic: a router watching `out` sees the old file or this one
     return report | {"written": True, "out": str(out), "version": new.version,
                      "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def fixed_baseline(train: Table, hold: Table) -> dict:
+    """The arm best on the training prompts, scored on the held-out ones as the selector is (oracle fraction);
+    {} when either side has too few requests that every arm served."""
+    train_req, hold_req = by_request(train), by_request(hold)
+    if len(train_req) < MIN_REQUESTS or len(hold_req) < MIN_REQUESTS:
+        return {}
+    arm = best_fixed_arm(train, train_req)
+    if arm not in next(iter(hold_req.values())):
+        return {}
+    return {"fixed_arm": arm, "fixed_score": policy_metrics(hold, hold_req, fixed_policy(hold_req, arm))["oracle_frac"]}
 
 
 def model_version(model: SelectorModel) -> str:

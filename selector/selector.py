@@ -46,7 +46,8 @@ def _least_loaded(pairs: list[tuple[PoolInfo, str]]) -> tuple[PoolInfo, str]:
 
 
 def _features(request: Mapping[str, float], pool: PoolInfo) -> dict[str, float]:
-    return {**request, **pool_features(pool.hardware, pool.load), "feature_version": float(FEATURE_VERSION)}
+    pool_feats = pool_features(pool.hardware, pool.load, pool.batch)
+    return {**request, **pool_feats, "feature_version": float(FEATURE_VERSION)}
 
 
 class _Base:
@@ -117,7 +118,7 @@ class Selector(_Base):
         known = [pm for pm in pairs if pm[1] in self.model.methods]
         if not known:   # a model that knows none of the allowed arms: AR, which every pool allows
             return _least_loaded([pm for pm in pairs if pm[1] == ALWAYS_ALLOWED]), {}, "rule: no arm the model knows"
-        pool_feats = {pm[0].name: pool_features(pm[0].hardware, pm[0].load) for pm in known}
+        pool_feats = {pm[0].name: pool_features(pm[0].hardware, pm[0].load, pm[0].batch) for pm in known}
         pred = self.model.predict(self.model.rows(feats, [(pool_feats[p.name], m) for p, m in known]))
         scores = {f"{p.name}/{m}": round(math.exp(v), 3) for (p, m), v in zip(known, pred)}
         return known[int(np.argmax(pred))], scores, "model"

@@ -1,9 +1,9 @@
 """Outcome logs → a table → candidate regressors compared by cross-validation on prompt groups → a model file.
 
-A "request" is a prompt with its sampling settings (prompt_id, temperature, max_tokens, constraint); each row is
-one (pool, method) that served it. Selection quality is measured on requests that were served by every arm
-being compared (collect runs give that; the service's log rarely does), always out-of-fold with GroupKFold on
-prompt ids, so no prompt is in both a training and a test fold.
+A "request" is a prompt with its sampling settings and load (prompt_id, temperature, max_tokens, constraint,
+concurrency level); each row is one (pool, method) that served it. Selection quality is measured on requests that
+were served by every arm being compared (collect runs give that; the service's log rarely does), always
+out-of-fold with GroupKFold on prompt ids, so no prompt is in both a training and a test fold.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .features import FEATURE_VERSION, POOL_FEATURES, REQUEST_FEATURES
+from .features import FEATURE_VERSION, POOL_FEATURES, REQUEST_FEATURES, upgrade
 from .model import SelectorModel, feature_names
 from .types import Outcome
 
@@ -54,6 +54,8 @@ class Table:
     key: np.ndarray            # [N] request id (prompt + sampling settings)
     group: np.ndarray          # [N] prompt id: the unit no train/test split may cut
     category: np.ndarray       # [N] dataset category ("" when unknown)
+    concurrency: np.ndarray    # [N] requests decoding together: collect's level, else 1 + the load it was chosen at
+    temperature: np.ndarray    # [N] sampling temperature
     data_hash: str             # sha256 of the records used
     skipped: int               # records left out (failed, other feature version, missing features)
 
@@ -67,21 +69,27 @@ class Table:
 
     def subset(self, idx: np.ndarray) -> "Table":
         cut = {f: getattr(self, f)[idx] for f in ("base", "method", "arm", "tps", "tokens", "wall_s", "key", "group",
-                                                  "category")}
+                                                  "category", "concurrency", "temperature")}
         return Table(**cut, data_hash=self.data_hash, skipped=self.skipped)
 
 
+def concurrency_of(o: Outcome, features: dict[str, float]) -> int:
+    """Collect's concurrency level, else the batch the request joined: 1 + requests running and waiting."""
+    return o.concurrency or 1 + int(round(features.get("load_running", 0.0) + features.get("load_waiting", 0.0)))
+
+
 def build_table(outcomes: list[Outcome]) -> Table:
-    """Usable records only: status OK, tokens/s > 0, features of this FEATURE_VERSION with every key present."""
-    rows, used, skipped = [], [], 0
+    """Usable records only: status OK, tokens/s > 0, features of this FEATURE_VERSION (or one `upgrade` brings to
+    it) with every key present."""
+    rows, used, conc, skipped = [], [], [], 0
     for o in outcomes:
-        f = o.features
-        if (o.status != "OK" or o.tokens_per_s <= 0 or f.get("feature_version", FEATURE_VERSION) != FEATURE_VERSION
-                or any(k not in f for k in BASE_FEATURES)):
+        f = upgrade(o.features)
+        if o.status != "OK" or o.tokens_per_s <= 0 or f is None or any(k not in f for k in BASE_FEATURES):
             skipped += 1
             continue
         used.append(o)
         rows.append([float(f[k]) for k in BASE_FEATURES])
+        conc.append(concurrency_of(o, f))
     digest = hashlib.sha256(json.dumps(sorted([o.request_id, o.pool, o.method, o.tokens_per_s, o.wall_s, r]
                                               for o, r in zip(used, rows))).encode()).hexdigest()
     return Table(
@@ -92,10 +100,12 @@ def build_table(outcomes: list[Outcome]) -> Table:
         tokens=np.asarray([max(o.completion_tokens, 1) for o in used], dtype=float),
         wall_s=np.asarray([o.wall_s if o.wall_s > 0 else max(o.completion_tokens, 1) / o.tokens_per_s
                            for o in used], dtype=float),
-        key=np.asarray([f"{o.prompt_id or o.request_id}|{o.temperature}|{o.max_tokens}|{o.has_constraint}"
-                        for o in used], dtype=object),
+        key=np.asarray([f"{o.prompt_id or o.request_id}|{o.temperature}|{o.max_tokens}|{o.has_constraint}|c{c}"
+                        for o, c in zip(used, conc)], dtype=object),
         group=np.asarray([o.prompt_id or o.request_id for o in used], dtype=object),
         category=np.asarray([o.category or "" for o in used], dtype=object),
+        concurrency=np.asarray(conc, dtype=int),
+        temperature=np.asarray([o.temperature for o in used], dtype=float),
         data_hash=digest, skipped=skipped)
 
 

@@ -17,6 +17,7 @@ class PoolInfo:
     methods: tuple[str, ...]                    # arms its workers can run
     hardware: dict[str, float | str] = field(default_factory=dict)  # profile: accelerator, mem_gb, rel_speed...
     load: float = 0.0                           # ongoing requests / capacity, 0..1+
+    batch: dict[str, float] = field(default_factory=dict)   # its replica's features.load_features ({} = idle)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,9 @@ class Outcome:
     temperature: float = 0.0
     max_tokens: int = 0
     has_constraint: bool = False
+    concurrency: int = 0                        # collect: requests decoded together (0 = not a collect batch)
+    batch_mean: float = 0.0                     # mean requests per step it shared (stats batch_sum / steps)
+    budget_cut: int = 0                         # draft tokens the step budget cut
     schema: int = OUTCOME_SCHEMA
 
     def to_json(self) -> str:

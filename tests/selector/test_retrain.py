@@ -71,3 +71,12 @@ def test_service_log_without_complete_requests_scores_by_rmse(tmp_path):
     assert report["metric"] == "neg_rmse" and report["written"] and report["unreadable_lines"] == 1
     assert np.isfinite(report["new_score"])
     json.dumps(report)
+
+
+def test_the_report_scores_the_best_fixed_arm_on_the_same_held_out_prompts(tmp_path):
+    from .synth import synthetic_load_outcomes
+
+    data = _write(tmp_path / "load.jsonl", synthetic_load_outcomes(30, seed=3))
+    report = retrain([data], None, tmp_path / "out.skops", CFG)
+    assert report["written"] and report["fixed_arm"] in ("cpu/ar", "cpu/sps", "cpu/pld")
+    assert 0 < report["fixed_score"] < report["new_score"] <= 1.0, report
