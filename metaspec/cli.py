@@ -198,6 +198,10 @@ def _bench_serve(args) -> int:
     from metaspec.bench.serve import ServeConfig, default_out_dir, format_result, run_serve, write_outputs
 
     _quiet_loading()
+    if args.trace:    # the seeded mixed-traffic trace per policy (metaspec/bench/trace.py)
+        from metaspec.bench.trace import run_from_cli
+
+        return run_from_cli(args)
     try:
         levels = _ints(args.concurrency)
         top = args.max_concurrency or args.num_prompts if args.request_rate else max(levels)
@@ -255,6 +259,10 @@ def _add_bench_serve(sub) -> None:
                    "engine (e.g. 84ce1a3, the engine before batching)")
     p.add_argument("--baseline-concurrency", default=None, help="comma list: levels the baseline runs at (default: all)")
     p.add_argument("--out", default=None, help="output folder (default: runs/bench-serve-<timestamp>)")
+    p.add_argument("--trace", default=None, choices=["mixed"], help="replay the seeded mixed-traffic trace "
+                   "(metaspec/bench/trace.py) per policy: auto, every arm, ar; --concurrency levels")
+    p.add_argument("--trace-requests", type=int, default=48, help="requests in the --trace")
+    p.add_argument("--trace-policies", default=None, help="comma list (default: auto + every arm + ar)")
     p.set_defaults(func=_bench_serve)
 
 

@@ -1,0 +1,358 @@
+"""The retraining loop, end to end, on a loopback service: the product's "retrained from its own logged metrics".
+
+    python -m metaspec.bench.retrain_loop [--config deploy/metaspec.yaml] [--rounds 3] [--trace-requests 48]
+        [--concurrency 1,4,16] [--explore 0.2] [--out runs/retrain-loop-...]
+
+1. Start the service from `--config` with `router.selector` set to a file that does not exist yet (so the router
+   serves the fixed arm, `SelectorConfig.fixed_method`, with exploration `--explore` to other arms),
+   `selector_check_s` short and the outcome log in a temporary folder.
+2. Round 0: the mixed trace (`metaspec.bench.trace`) through gRPC at every level for `auto` and every fixed arm
+   (method named). Its fixed-arm outcomes are the oracle's data; its `auto` run is the fixed-arm-plus-exploration
+   baseline.
+3. Each round r >= 1: `selector.retrain.retrain` (what `metaspec retrain` runs) on the service's own outcome log,
+   written into the router's selector path; a probe request per check period until ListMethods reports the new
+   `selector_version`; then the trace again for `auto` and for the round-0 best fixed arm (measured in the same
+   round, so machine drift hits both alike).
+
+Training data: by default only the requests the router routed itself (`reason` != "override": the fixed arm and
+its explored alternatives, later the learnt selector's choices) — what a production service logs. `--train-on all`
+adds the fixed-arm runs of round 0 (every arm on every trace request).
+
+The oracle, estimated from the logged outcomes of round 0 (`oracle_estimate`): at level c, each trace request i
+ran under every fixed arm a with router-measured latency L[a, i] (outcome `wall_s`). The per-request oracle runs
+each request with its fastest arm, L*[i] = min_a L[a, i]. In a closed loop of c clients the throughput is c over
+the mean latency (Little's law), so the oracle's tokens/s is estimated as the best fixed arm's measured tokens/s
+times sum_i L[best, i] / sum_i L*[i]. This assumes a request's latency under an arm does not depend on the arms
+of the requests batched with it (under batching it does), and that every arm emits the same tokens (greedy and
+EOS-ignoring requests do; sampled constrained ones may differ slightly). Over the whole trace: every level's
+tokens over the sum of the levels' oracle wall times. Output: `retrain_loop.json`, `retrain_loop.txt`,
+`retrain_loop.png` (routed tokens/s per round, per level and whole, against the best fixed arm and the oracle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from metaspec.bench.trace import AUTO, TraceConfig, TraceMix, best_fixed, run_trace, table
+
+PROBE = "probe"
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    config: str | None = None                # Serve YAML to start from (None = deploy/metaspec.yaml)
+    rounds: int = 3                          # retrain rounds after round 0
+    explore: float = 0.2                     # router exploration share
+    check_s: float = 1.0                     # router selector_check_s
+    concurrency: tuple[int, ...] = (1, 4, 16)   # trace levels
+    mix: TraceMix = field(default_factory=TraceMix)
+    train_on: str = "routed"                 # "routed" (the router's own choices) | "all" (+ round 0's fixed arms)
+    reload_timeout_s: float = 120.0          # give up waiting for the router to report the new version
+    work_dir: str | None = None              # YAML, outcome log, selector file (None = a new temp dir)
+    data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.train_on not in ("routed", "all") or not 0 <= self.explore <= 1:
+            raise ValueError("rounds >= 1, train_on routed|all, explore in [0, 1]")
+
+
+# ---- pure parts ----------------------------------------------------------------------------------------------
+
+def parse_request_id(rid: str) -> dict | None:
+    """`r0/c4/pld/17` -> {round: "r0", concurrency: 4, policy: "pld", index: 17}; None for other ids."""
+    parts = rid.split("/")
+    if len(parts) != 4 or not parts[1].startswith("c") or not parts[1][1:].isdigit() or not parts[3].isdigit():
+        return None
+    return {"round": parts[0], "concurrency": int(parts[1][1:]), "policy": parts[2], "index": int(parts[3])}
+
+
+def training_records(records: list[dict], train_on: str) -> list[dict]:
+    """The outcome records a round trains on: trace requests only (no probes); routed ones unless `all`."""
+    out = []
+    for r in records:
+        rid = parse_request_id(r.get("request_id", ""))
+        if rid is None or r.get("status") != "OK":
+            continue
+        if train_on == "routed" and r.get("reason") == "override":
+            continue
+        out.append(r)
+    return out
+
+
+def oracle_estimate(records: list[dict], fixed_tps: dict[int, dict[str, float]], round_tag: str = "r0") -> dict:
+    """Per level and "all": the oracle's estimated tokens/s from round `round_tag`'s fixed-arm outcomes (module
+    docstring). `fixed_tps[level][arm]`: the measured tokens/s of each fixed arm at that level."""
+    wall: dict[int, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    tokens: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        rid = parse_request_id(r.get("request_id", ""))
+        if rid is None or rid["round"] != round_tag or rid["policy"] == AUTO or r.get("status") != "OK":
+            continue
+        wall[rid["concurrency"]][rid["policy"]][rid["index"]] = float(r["wall_s"])
+        tokens[rid["concurrency"]][rid["policy"]] += int(r.get("completion_tokens", 0))
+    out, total_tokens, total_wall = {}, 0, 0.0
+    for level, arms in sorted(wall.items()):
+        measured = {a: t for a, t in fixed_tps.get(level, {}).items() if a in arms}
+        if not measured:
+            continue
+        best = max(measured, key=measured.get)
+        common = set.intersection(*(set(v) for v in arms.values()))
+        if not common:
+            continue
+        fastest = {i: min(arms, key=lambda a: arms[a].get(i, float("inf"))) for i in common}
+        l_best = sum(arms[best][i] for i in common)
+        l_oracle = sum(arms[fastest[i]][i] for i in common)
+        tps = measured[best] * l_best / l_oracle
+        out[str(level)] = {"oracle_tokens_per_s": tps, "best_fixed": best, "best_fixed_tokens_per_s": measured[best],
+                           "latency_ratio": l_best / l_oracle, "requests": len(common),
+                           "oracle_arms": dict(Counter(fastest.values()))}
+        total_tokens += tokens[level][best]
+        total_wall += tokens[level][best] / tps
+    if total_wall:
+        out["all"] = {"oracle_tokens_per_s": total_tokens / total_wall}
+    return out
+
+
+def round_summary(index: int, trace: dict, retrain: dict | None, version: str | None, reload_s: float | None
+                  ) -> dict:
+    """What one round reports: auto's and the fixed arms' tokens/s per level and whole, and what auto routed."""
+    recs = trace["records"]
+    auto = {str(r["concurrency"]): r for r in recs if r["policy"] == AUTO}
+    fixed: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in recs:
+        if r["policy"] != AUTO:
+            fixed[str(r["concurrency"])][r["policy"]] = r["output_tokens_per_s"]
+    runs = [r for r in trace["runs"] if r["policy"] == AUTO]
+    routed = sum((Counter(r.get("methods", {})) for r in runs), Counter())
+    return {"round": index, "selector_version": version, "reload_s": reload_s,
+            "retrain": {k: v for k, v in (retrain or {}).items() if k not in ("cv_scores",)} or None,
+            "auto_tokens_per_s": {lv: r["output_tokens_per_s"] for lv, r in auto.items()},
+            "auto_tpot_ms": {lv: r["tpot_ms"] for lv, r in auto.items()},
+            "fixed_tokens_per_s": dict(fixed), "routed_methods": dict(routed),
+            "explored": sum(r.get("explored", 0) for r in runs),
+            "versions_seen": dict(sum((Counter(r.get("selector_versions", {})) for r in runs), Counter()))}
+
+
+def compare(rounds: list[dict], best_arm: dict[str, str], oracle: dict) -> list[dict]:
+    """Per round and level: auto / the best fixed arm (same round) and auto / the oracle (round 0's outcomes)."""
+    out = []
+    for rd in rounds:
+        for lv, tps in rd["auto_tokens_per_s"].items():
+            arm = best_arm.get(lv)
+            fixed = rd["fixed_tokens_per_s"].get(lv, {}).get(arm)
+            orc = oracle.get(lv, {}).get("oracle_tokens_per_s")
+            out.append({"round": rd["round"], "concurrency": lv, "auto_tokens_per_s": tps, "best_fixed": arm,
+                        "best_fixed_tokens_per_s": fixed, "oracle_tokens_per_s": orc,
+                        "auto_vs_best_fixed": tps / fixed if fixed else None,
+                        "auto_vs_oracle": tps / orc if orc else None})
+    return out
+
+
+# ---- the service ---------------------------------------------------------------------------------------------
+
+def loop_yaml(config: str | None, work: Path, cfg: LoopConfig) -> Path:
+    """The Serve YAML with no learnt selector yet (the file comes later), exploration on, a short check period."""
+    import yaml
+
+    from metaspec.deploy.app import DEFAULT_YAML
+
+    data = yaml.safe_load(Path(config or DEFAULT_YAML).read_text())
+    router = data["applications"][0].setdefault("args", {}).setdefault("router", {})
+    router |= {"selector": str(work / "selector.skops"), "explore": cfg.explore, "selector_check_s": cfg.check_s}
+    path = work / "metaspec.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def read_outcomes(folder: Path) -> list[dict]:
+    out = []
+    for file in sorted(folder.rglob("*.jsonl")):
+        out += [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    return out
+
+
+def retrain_round(outcome_dir: Path, work: Path, index: int, cfg: LoopConfig) -> dict:
+    """`metaspec retrain` on this round's training records, into the router's selector path."""
+    from metaspec.selector.retrain import retrain
+
+    records = training_records(read_outcomes(outcome_dir), cfg.train_on)
+    data = work / "train" / f"round{index}.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    selector = work / "selector.skops"
+    report = retrain([data], selector if selector.exists() else None, selector)
+    return report | {"training_records": len(records)}
+
+
+def wait_for_version(client, version: str, ids: list[int], check_s: float, timeout_s: float) -> float:
+    """Probe (one token) every check period until ListMethods reports `version`; seconds it took."""
+    t0 = time.perf_counter()
+    k = 0
+    while time.perf_counter() - t0 < timeout_s:
+        time.sleep(check_s)
+        client.generate(ids, max_tokens=1, request_id=f"{PROBE}/{version}/{k}")   # the router polls on a request
+        k += 1
+        if client.list_methods().selector_version == version:
+            return time.perf_counter() - t0
+    raise RuntimeError(f"the router did not report selector {version} within {timeout_s} s")
+
+
+def run_loop(cfg: LoopConfig) -> dict:
+    """Start the service, run round 0 and `rounds` retrain rounds, stop it; returns the report (nothing written)."""
+    import ray
+    from ray import serve
+    from tqdm import tqdm
+
+    from metaspec.deploy.loadtest import start_local
+    from metaspec.protocol.client import Client
+
+    work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="metaspec-loop-"))
+    work.mkdir(parents=True, exist_ok=True)
+    address, _ = start_local([str(loop_yaml(cfg.config, work, cfg))], str(work / "outcomes"))
+    outcome_dir = work / "outcomes"
+    client = Client(address, timeout_s=600)
+    rounds, traces = [], []
+    try:
+        base = TraceConfig(backend="grpc", server=address, concurrency=cfg.concurrency, mix=cfg.mix,
+                           data_dir=cfg.data_dir, progress=False)
+        with tqdm(total=cfg.rounds + 1, desc="retrain loop", unit="round") as bar:
+            first = run_trace(replace(base, tag="r0"), client=client)
+            traces.append(first)
+            rounds.append(round_summary(0, first, None, client.list_methods().selector_version, None))
+            best = {str(lv): (best_fixed(first["records"], lv) or {}).get("policy") for lv in
+                    list(cfg.concurrency) + ["all"]}
+            watched = tuple(dict.fromkeys([AUTO, *filter(None, best.values())]))
+            bar.update(1)
+            probe_ids = list(client.generate("def f(x):", max_tokens=1).token_ids) or [1]
+            for i in range(1, cfg.rounds + 1):
+                report = retrain_round(outcome_dir, work, i, cfg)
+                version, reload_s = client.list_methods().selector_version, None
+                if report.get("written"):
+                    reload_s = wait_for_version(client, report["version"], probe_ids, cfg.check_s,
+                                                cfg.reload_timeout_s)
+                    version = report["version"]
+                res = run_trace(replace(base, tag=f"r{i}", policies=watched), client=client)
+                traces.append(res)
+                rounds.append(round_summary(i, res, report, version, reload_s))
+                bar.update(1)
+        outcomes = read_outcomes(outcome_dir)
+    finally:
+        client.close()
+        serve.shutdown()
+        ray.shutdown()
+    fixed_tps = defaultdict(dict)
+    for r in first["records"]:
+        if r["policy"] != AUTO and r["concurrency"] != "all":
+            fixed_tps[r["concurrency"]][r["policy"]] = r["output_tokens_per_s"]
+    oracle = oracle_estimate(outcomes, fixed_tps)
+    return {"config": asdict(cfg), "work_dir": str(work), "machine": first["machine"], "trace": first["trace"],
+            "round0_records": first["records"], "round0_ratios": first["ratios"], "best_fixed": best,
+            "oracle": oracle, "rounds": rounds, "comparison": compare(rounds, best, oracle),
+            "outcome_records": len(outcomes), "round_records": [t["records"] for t in traces]}
+
+
+# ---- report --------------------------------------------------------------------------------------------------
+
+def _f(x, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_loop(result: dict) -> str:
+    m, t = result["machine"], result["trace"]
+    lines = [f"retraining loop: {t['n']}-request mixed trace, levels "
+             f"{','.join(map(str, result['config']['concurrency']))}, explore {result['config']['explore']}, "
+             f"train on {result['config']['train_on']} · {m['cpu_model']} · load avg at start "
+             f"{'/'.join(f'{x:.2f}' for x in m['load_avg_1_5_15'])}", "",
+             table(result["round0_records"], "round 0 (fixed arm + exploration; every fixed arm named)"), "",
+             f"{'round':>5} {'conc':>5} {'auto tok/s':>11} {'best fixed':>18} {'oracle est':>11} {'auto/fixed':>11} "
+             f"{'auto/oracle':>12}  selector"]
+    versions = {r["round"]: r["selector_version"] for r in result["rounds"]}
+    for c in result["comparison"]:
+        fixed = f"{c['best_fixed']} {_f(c['best_fixed_tokens_per_s'])}"
+        lines.append(f"{c['round']:>5} {c['concurrency']:>5} {c['auto_tokens_per_s']:>11.1f} {fixed:>18} "
+                     f"{_f(c['oracle_tokens_per_s']):>11} {_f(c['auto_vs_best_fixed'], '.2f'):>11} "
+                     f"{_f(c['auto_vs_oracle'], '.2f'):>12}  {versions[c['round']]}")
+    lines.append("")
+    for r in result["rounds"]:
+        rt = r["retrain"] or {}
+        lines.append(f"round {r['round']}: routed {r['routed_methods']} (explored {r['explored']}); retrain: "
+                     + (f"{rt.get('training_records')} records -> {rt.get('kind')} written={rt.get('written')} "
+                        f"{rt.get('reason', '')} reload {_f(r['reload_s'])} s" if rt else "-"))
+    lines.append("oracle arms per level: " + "; ".join(f"{lv}: {o.get('oracle_arms')}"
+                                                       for lv, o in result["oracle"].items() if lv != "all"))
+    return "\n".join(lines)
+
+
+def plot_loop(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = list(dict.fromkeys(c["concurrency"] for c in result["comparison"]))
+    fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 3.6), squeeze=False)
+    for ax, lv in zip(axes[0], levels):
+        cs = [c for c in result["comparison"] if c["concurrency"] == lv]
+        xs = [c["round"] for c in cs]
+        ax.plot(xs, [c["auto_tokens_per_s"] for c in cs], "-o", label="auto (routed)")
+        ax.plot(xs, [c["best_fixed_tokens_per_s"] for c in cs], "--s", label=f"best fixed ({cs[0]['best_fixed']})")
+        if cs[0]["oracle_tokens_per_s"]:
+            ax.axhline(cs[0]["oracle_tokens_per_s"], color="gray", ls=":", label="oracle (est., round 0)")
+        ax.set_title("whole trace" if lv == "all" else f"concurrency {lv}", fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_xticks(xs)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("output tokens/s")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("retraining loop: routed throughput per round", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_loop(result: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "retrain_loop.json", "table": out_dir / "retrain_loop.txt",
+             "png": out_dir / "retrain_loop.png"}
+    paths["json"].write_text(json.dumps(result, indent=1))
+    paths["table"].write_text(format_loop(result) + "\n")
+    plot_loop(result, paths["png"])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m metaspec.bench.retrain_loop", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="Serve YAML (default: deploy/metaspec.yaml)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--trace-requests", type=int, default=48)
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--explore", type=float, default=0.2)
+    p.add_argument("--check-s", type=float, default=1.0)
+    p.add_argument("--train-on", default="routed", choices=["routed", "all"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", default=None)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    cfg = LoopConfig(config=args.config, rounds=args.rounds, explore=args.explore, check_s=args.check_s,
+                     concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+                     mix=TraceMix(n_requests=args.trace_requests, seed=args.seed), train_on=args.train_on,
+                     work_dir=args.work_dir, data_dir=args.data_dir)
+    result = run_loop(cfg)
+    out = Path(args.out) if args.out else Path("runs") / time.strftime("retrain-loop-%Y%m%d-%H%M%S")
+    paths = write_loop(result, out)
+    print(format_loop(result))
+    print("\n" + "  ".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
