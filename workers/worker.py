@@ -90,7 +90,10 @@ class DecodeWorker:
         if cfg.pearl is not None:
             self.engine.resources["pearl_config"] = _placed(cfg.pearl, cfg.drafter_bundle)
         self.counters = WorkerCounters()
-        self._setup = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"setup-{cfg.pool}")
+        # Setup threads: a grammar may take its whole compile_timeout_s, and a few slow ones must not hold up the
+        # setup of every other request.
+        self._setup = ThreadPoolExecutor(max_workers=max(8, cfg.engine.batch.max_batch),
+                                         thread_name_prefix=f"setup-{cfg.pool}")
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.cfg.pool, tuple(self.engine.available_methods()), self.engine.target.max_context,
@@ -132,6 +135,8 @@ class DecodeWorker:
             s = await asyncio.shield(setup)
         except asyncio.CancelledError:   # the caller left during setup: the request must not run unconsumed
             setup.add_done_callback(lambda f: f.exception() is None and self.engine.cancel(f.result()))
+            self.counters.started += 1
+            self.counters.cancelled += 1
             raise
         except Exception:
             self.counters.started += 1

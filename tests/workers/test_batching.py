@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+import time
 
 import pytest
 
@@ -155,10 +156,13 @@ def test_a_full_waiting_queue_refuses_at_once(tiny_pair):
     engine = _engine(tiny_pair, max_batch=1, max_waiting=2)
     try:
         engine.resources.update(local_resources(engine.target.vocab_size))
-        long = SamplingParams(max_tokens=200, ignore_eos=True)
-        held = []
+        long = SamplingParams(max_tokens=900, ignore_eos=True)     # still running when the others arrive
+        held = [engine.submit(Request(prompt=TEXTS[0], method="ar", params=long), lambda e: None)]
+        deadline = time.monotonic() + 30
+        while engine.scheduler.load["running"] < 1 and time.monotonic() < deadline:   # it holds the one slot
+            time.sleep(0.005)
         with pytest.raises(QueueFull):
-            for _ in range(5):          # one runs, two wait, the fourth cannot queue
+            for _ in range(4):          # two wait, the third cannot queue
                 held.append(engine.submit(Request(prompt=TEXTS[0], method="ar", params=long), lambda e: None))
         assert len(held) == 3
         for s in held:

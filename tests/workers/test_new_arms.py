@@ -142,7 +142,8 @@ class _Recording(RecyclingProposer):
 
     def observe(self, seq, verdict):
         self.steps.append([list(seq), verdict.scored, verdict.logits.argmax(-1).tolist(), verdict])
-        assert verdict.scored == [seq[-1], *self.draft.tokens]    # unconstrained: the draft as proposed
+        # unconstrained: the draft as proposed, or a prefix of it where the step's draft budget cut it
+        assert verdict.scored == [seq[-1], *self.draft.tokens[: len(verdict.scored) - 1]]
         super().observe(seq, verdict)
 
 
@@ -156,8 +157,9 @@ def test_decode_feeds_recycling_the_targets_logits(tiny_pair):
     proposer = _Recording(table)
     prompt = AutoTokenizer.from_pretrained(tiny_pair.target).encode("x = [1, 2, 3]\ny =")
     params = SamplingParams(max_tokens=60, ignore_eos=True)
-    session = target.session(128)
-    out = [t for step in decode(session, proposer, prompt, params, None, frozenset(), 128, 8) for t in step]
+    session, stats = target.session(128), DecodeStats()
+    out = [t for step in decode(session, proposer, prompt, params, None, frozenset(), 128, 8, stats) for t in step]
+    assert stats.fallback is None, stats.fallback                  # an assertion in observe would be a fallback
     assert len(proposer.steps) < len(out)                          # some drafts were accepted
     latest = {}
     for seq, scored, argmax, verdict in proposer.steps:
