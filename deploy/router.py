@@ -37,6 +37,7 @@ from metaspec.protocol.types import (GenerateCall, Health, MethodInfo, PoolDescr
                                      ServiceInfo)
 from metaspec.selector.live import LiveSelector
 from metaspec.selector.rules import ArmSpec, specs_from_registry
+from metaspec.selector.features import inflight_load_features
 from metaspec.selector.types import Choice, Outcome, PoolInfo
 from metaspec.workers.engine import Chunk, Result
 from metaspec.workers.outcome_log import OutcomeLog, OutcomeLogConfig
@@ -335,7 +336,8 @@ class Router:
         if (m := call.request.method) and not any(m in i.methods for i in serving.values()) and any(
                 m in i.methods for i in infos.values()):
             raise Status(grpc.StatusCode.UNAVAILABLE, f"every pool that runs {m} is down; retry later")
-        pools = [PoolInfo(n, i.methods, dict(self.pools[n].hardware), self._load(n)) for n, i in serving.items()]
+        pools = [PoolInfo(n, i.methods, dict(self.pools[n].hardware), self._load(n), self._batch(n))
+                 for n, i in serving.items()]
         choice = pick(self.policy, call.request, pools, self.arms)
         self.metrics.chosen(choice)
         return choice, call.request_id or uuid.uuid4().hex
@@ -367,6 +369,12 @@ class Router:
     def _load(self, pool: str) -> float:
         spec = self.pools[pool]
         return self._inflight[pool] / max(1, spec.num_replicas * spec.max_ongoing_requests)
+
+    def _batch(self, pool: str) -> dict[str, float]:
+        """The selector's load features of the pool's replicas, from this router's own in-flight count (no call
+        to the workers: requests in flight spread over the replicas' KV slots)."""
+        spec = self.pools[pool]
+        return inflight_load_features(self._inflight[pool], spec.num_replicas, spec.max_batch)
 
     def _enter(self, pool: str) -> None:
         self._inflight[pool] += 1

@@ -24,7 +24,7 @@ from .sampling import Noise, new_seed
 from .scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence
 from .types import RequestError, SamplingParams
 
-__all__ = ["Chunk", "Engine", "EngineConfig", "Output", "QueueFull", "Request", "Result"]
+__all__ = ["Chunk", "Engine", "EngineConfig", "Output", "QueueFull", "Request", "Result", "timestamped"]
 
 
 @dataclass(frozen=True)
@@ -170,23 +170,23 @@ class Engine:
         """Yield Chunks as tokens are verified, then one Result. Errors in the request raise RequestError."""
         t_start = time.perf_counter()
         events: queue.SimpleQueue = queue.SimpleQueue()
-        s = self.submit(request, events.put)
+        s = self.submit(request, timestamped(events.put))
         yield from self._consume(self.output(request, s, t_start), events)
 
     def _consume(self, out: Output, events: queue.SimpleQueue) -> Iterator[Chunk | Result]:
         ended = False
         try:
             while not ended:
-                kind, value = events.get()
+                t, (kind, value) = events.get()
                 if kind == "tokens":
-                    yield out.push(value)
+                    yield out.push(value, t)
                     if out.stopped:           # a stop string: the loop drops the request at its next step
                         break
                 elif kind == "error":
                     ended = True
                     raise value
                 else:
-                    ended = True
+                    ended, out.t_end = True, t
             yield from out.finish()
         finally:
             if not ended:
@@ -200,10 +200,11 @@ class Engine:
 
     def generate_many(self, requests: list[Request]) -> list[Result]:
         """Submit every request at once (they share the replica's steps), then collect their Results in order."""
-        t_start, started = time.perf_counter(), []
-        for request in requests:
+        started = []
+        for request in requests:   # timings come from the events' own timestamps, not from when we read them
             events: queue.SimpleQueue = queue.SimpleQueue()
-            started.append((self.output(request, self.submit(request, events.put), t_start), events))
+            t_start = time.perf_counter()
+            started.append((self.output(request, self.submit(request, timestamped(events.put)), t_start), events))
         return [item for out, events in started for item in self._consume(out, events) if isinstance(item, Result)]
 
     def learn(self, prompt: list[int], emitted: list[int]) -> None:
@@ -213,6 +214,11 @@ class Engine:
         table = self.resources.get("ngram_table") if self.cfg.learn_emitted else None
         if table is not None and emitted:
             table.learn(prompt, emitted)
+
+
+def timestamped(put: Callable[[tuple], None]) -> Callable[[tuple], None]:
+    """A sink that records when the step loop emitted each event: (perf_counter seconds, event)."""
+    return lambda event: put((time.perf_counter(), event))
 
 
 def pool_slots(target: Model, cfg: SchedulerConfig) -> int:
@@ -236,14 +242,17 @@ class Output:
         self.out: list[int] = []
         self.text, self.sent, self.finish_reason = "", 0, "length"
         self.ttft_s: float | None = None
+        self.t_end: float | None = None      # when the step loop ended the request (None: when finish() runs)
         self.cut: int | None = None
 
     @property
     def stopped(self) -> bool:
         return self.cut is not None
 
-    def push(self, emitted: list[int]) -> Chunk:
-        self.ttft_s = self.ttft_s if self.ttft_s is not None else time.perf_counter() - self.t_start
+    def push(self, emitted: list[int], t: float | None = None) -> Chunk:
+        """`t`: when the step loop emitted these tokens (None = now)."""
+        now = t if t is not None else time.perf_counter()
+        self.ttft_s = self.ttft_s if self.ttft_s is not None else now - self.t_start
         self.out.extend(emitted)
         self.text += self.detok.push(emitted)       # only what is final: no decode of the whole output per step
         self.cut = _find_stop(self.text, self.stops, self.sent)
@@ -271,7 +280,7 @@ class Output:
             if (cut := _find_stop(self.text, self.stops, self.sent)) is not None:
                 self.text, self.finish_reason = self.text[:cut], "stop"
         self.engine.learn(self.seq.prompt, self.out)
-        wall = time.perf_counter() - self.t_start
+        wall = (self.t_end if self.t_end is not None else time.perf_counter()) - self.t_start
         st = self.seq.stats
         stats = asdict(st) | {"acceptance_length": st.acceptance_length, "acceptance_rate": st.acceptance_rate}
         if self.sent < len(self.text):

@@ -125,7 +125,9 @@ class LeanPool(SlotPool):
     def __init__(self, model: LeanLlama, slots: int, slot_tokens: int) -> None:
         super().__init__(slots, slot_tokens)
         self.m, self.num_layers = model, model.num_layers
-        kv = torch.empty(model.num_layers, slots, 2 * model.n_kv, slot_tokens, model.head_dim,
+        # Zeroed, not empty: a batch's attention reads every slot's cache up to the longest sequence (masked), and
+        # a masked key or value that is NaN garbage still poisons the softmax and the weighted sum (0 * NaN).
+        kv = torch.zeros(model.num_layers, slots, 2 * model.n_kv, slot_tokens, model.head_dim,
                          dtype=model.attn_dtype, device=model.device)
         self.kv = kv.unbind(0)
         self.mem_bytes = kv.numel() * kv.element_size()

@@ -149,16 +149,16 @@ class DecodeWorker:
         outcome, ended = "cancelled", False   # unless it finishes or fails: cancelled by the caller
         try:
             while not ended:
-                kind, value = await events.get()
+                t, (kind, value) = await events.get()
                 if kind == "tokens":
-                    yield out.push(value)
+                    yield out.push(value, t)
                     if out.stopped:
                         break
                 elif kind == "error":
                     ended, outcome = True, "failed"
                     raise value
                 else:
-                    ended = True
+                    ended, out.t_end = True, t
             for item in out.finish():
                 if isinstance(item, Result):
                     self.counters.tokens += len(item.token_ids)
@@ -173,7 +173,7 @@ class DecodeWorker:
 
 def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
     """The step loop's events onto the caller's event loop (raises once that loop is closed: the loop cancels)."""
-    return lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+    return lambda event: loop.call_soon_threadsafe(events.put_nowait, (time.perf_counter(), event))
 
 
 def _placed(pearl: PearlConfig, bundle: int | None) -> PearlConfig:
