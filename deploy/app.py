@@ -255,10 +255,12 @@ def stop(timeout_s: float = 20.0) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     ours = _descendants()                            # now: once their raylet is gone they belong to init, not us
+    _detached_reaper([p.pid for p in ours])          # and if Ray ends this process abruptly, they still go
     done = threading.Thread(target=_quiet_serve_shutdown, daemon=True)
     done.start()
     done.join(timeout_s)
-    ray.shutdown()
+    if not done.is_alive():   # Serve still shutting down: ray.shutdown() now would make that thread's next Ray
+        ray.shutdown()        # call exit the whole process before the reaping below (seen on a loaded CI box)
     ours += [p for p in _descendants() if p.pid not in {q.pid for q in ours}]
     _, alive = psutil.wait_procs(ours, timeout=5)
     for proc in alive:
@@ -267,6 +269,43 @@ def stop(timeout_s: float = 20.0) -> None:
     for proc in alive:
         _signal(proc, "kill")
     psutil.wait_procs(alive, timeout=5)
+
+
+_REAPER = """
+import os, signal, sys, time
+me, pids = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+deadline = time.monotonic() + 180
+while alive(me) and time.monotonic() < deadline:
+    time.sleep(0.2)
+for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 0.0)):
+    left = [p for p in pids if alive(p)]
+    if not left:
+        break
+    for pid in left:
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    time.sleep(wait_s)
+"""
+
+
+def _detached_reaper(pids: list[int]) -> None:
+    """A process of its own session that, once this one has exited (however it exits), stops what is left of
+    `pids`: SIGTERM, then SIGKILL 5 s later."""
+    import os
+    import subprocess
+    import sys
+
+    if pids:
+        subprocess.Popen([sys.executable, "-c", _REAPER, str(os.getpid()), *map(str, pids)], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _quiet_serve_shutdown() -> None:
