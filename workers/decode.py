@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from .kv import SlotSession
 from .sampling import Noise, new_seed
 from .scheduler import Scheduler, SchedulerConfig, Sequence
-from .types import DecodeStats, Proposer, RequestError, SamplingParams
+from .types import DecodeStats, Proposer, SamplingParams
 
 if TYPE_CHECKING:
     from .constraint import Constraint
@@ -43,7 +43,7 @@ def decode(session: SlotSession, proposer: Proposer, prompt: list[int], params: 
                 if kind == "tokens":
                     yield value
                 elif kind == "error":
-                    raise value if isinstance(value, RequestError) else RuntimeError(str(value)) from value
+                    raise value
                 else:
                     return
             events.clear()

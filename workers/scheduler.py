@@ -74,7 +74,6 @@ class Sequence:
     acceptance: Acceptance = field(default_factory=lambda: Acceptance(prior=0.6, decay=0.8))
     soft_drafts: bool = False                   # its arm drafts with a distribution (never cut when sampled)
     drafted_last: bool = False                  # its previous step carried a draft
-    t_submit: float = field(default_factory=time.perf_counter)
     t_admit: float = 0.0
 
     def __post_init__(self) -> None:

@@ -59,8 +59,8 @@ def verify_batch(batch: list[Scored], noise: Noise, eos_ids: frozenset[int] = fr
             packs[i] = _sampled(s, noise)
     flat = torch.cat([packs[i] for i in range(len(batch))]).tolist()      # the step's one host sync
     verdicts, at = [], 0
-    for s in batch:
-        n = len(packs[len(verdicts)])
+    for i, s in enumerate(batch):
+        n = len(packs[i])
         verdicts.append(_walk(s, flat[at: at + n], eos_ids))
         at += n
     return verdicts

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from ray import serve
 
-from .engine import Chunk, Engine, EngineConfig, Request, Result
+from .engine import Chunk, Engine, EngineConfig, Request, Result, timestamped
 from .model import ModelConfig
 from .scheduler import SchedulerConfig
 from .pearl import PearlConfig
@@ -173,7 +173,7 @@ class DecodeWorker:
 
 def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
     """The step loop's events onto the caller's event loop (raises once that loop is closed: the loop cancels)."""
-    return lambda event: loop.call_soon_threadsafe(events.put_nowait, (time.perf_counter(), event))
+    return timestamped(lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
 
 
 def _placed(pearl: PearlConfig, bundle: int | None) -> PearlConfig:
