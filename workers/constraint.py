@@ -21,12 +21,12 @@ on the source, llguidance's fuel limits, and a wall-clock limit on the compile (
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -37,29 +37,10 @@ except ImportError:  # pragma: no cover - llguidance is a declared dependency
     llguidance = None
 
 from .asap import PrefixTrie
+from .request import KINDS, ConstraintSpec   # torch-free (the router builds them); re-exported here
 from .types import Draft, RequestError, SamplingParams, Verdict
 
-KINDS = ("json_schema", "regex", "grammar")
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
-@dataclass(frozen=True)
-class ConstraintSpec:
-    """What the output must match. `grammar` is a Lark grammar (llguidance's dialect; GBNF is converted)."""
-
-    kind: str                # "json_schema" | "regex" | "grammar"
-    source: str              # the JSON Schema (JSON text), the regex, or the grammar text
-    aligned: bool = False    # ASAp grammar-aligned sampling, learning across repeats of the same request
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise RequestError(f"constraint kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if not isinstance(self.source, str) or not self.source.strip():
-            raise RequestError("constraint source must be a non-empty string")
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(f"{self.kind}\0{self.source}".encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -92,6 +73,7 @@ class GrammarCompiler:
         self._tokenizer: llguidance.LLTokenizer | None = None
         self._cache: OrderedDict[str, Compiled] = OrderedDict()
         self._tries: OrderedDict[tuple, PrefixTrie] = OrderedDict()
+        self._compiling: dict[str, Future] = {}   # key -> the result of the compile under way
         self._lock = threading.Lock()
 
     def with_config(self, cfg: ConstraintConfig) -> GrammarCompiler:
@@ -111,15 +93,36 @@ class GrammarCompiler:
         return self._tokenizer
 
     def compile(self, spec: ConstraintSpec) -> Compiled:
-        """The compiled grammar (cached); raises RequestError when it cannot be served."""
+        """The compiled grammar (cached); raises RequestError when it cannot be served.
+
+        The lock guards the cache only: a slow compile holds up the requests that wait for the same grammar (they
+        share its result), never those asking for another one or for a cached one.
+        """
         with self._lock:
             hit = self._cache.get(spec.key)
-            if hit is None:
+            if hit is not None:
+                self._cache.move_to_end(spec.key)
+            else:
+                pending = self._compiling.get(spec.key)
+                owner = pending is None
+                if owner:
+                    pending = self._compiling[spec.key] = Future()
+        if hit is None and not owner:
+            hit = pending.result()
+        elif hit is None:
+            try:
                 hit = self._compile(spec)
-                self._cache[spec.key] = hit
-                while len(self._cache) > self.cfg.cache_size:
-                    self._cache.popitem(last=False)
-            self._cache.move_to_end(spec.key)
+            except BaseException as exc:
+                pending.set_exception(exc)
+                raise
+            finally:
+                with self._lock:
+                    self._compiling.pop(spec.key, None)
+                    if hit is not None:
+                        self._cache[spec.key] = hit
+                        while len(self._cache) > self.cfg.cache_size:
+                            self._cache.popitem(last=False)
+            pending.set_result(hit)
         if hit.error is not None:
             raise RequestError(hit.error)
         return hit

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
@@ -83,7 +85,7 @@ def test_constrained_greedy_equals_constrained_ar(method, kind, tiny_engine, cac
     for prompt, want, have in zip(PROMPTS, reference, got):
         assert have.token_ids == want.token_ids, f"{method} under {kind} diverges from ar on {prompt!r}"
         assert (have.text, have.finish_reason) == (want.text, want.finish_reason)
-        assert have.stats["emitted"] == len(have.token_ids) and have.stats["fallback"] is None
+        assert have.stats.emitted == len(have.token_ids) and have.stats.fallback is None
 
 
 @pytest.mark.parametrize("method", ARMS)
@@ -112,10 +114,10 @@ def test_contract_is_not_vacuous(tiny_engine, cache):
     for method in tiny_engine.available_methods():
         for kind in SPECS:
             for r in _run(tiny_engine, method, kind, cache):
-                stats.update({k: r.stats[k] for k in ("drafted", "accepted", "pruned", "forced")})
+                stats.update({k: getattr(r.stats, k) for k in ("drafted", "accepted", "pruned", "forced")})
     assert stats["accepted"] > 0 and stats["pruned"] > 0 and stats["forced"] > 0, stats
     assert stats["accepted"] < stats["drafted"], stats
-    assert sum(r.stats["forced"] for r in _run(tiny_engine, "ar", "json_schema", cache)) > 0
+    assert sum(r.stats.forced for r in _run(tiny_engine, "ar", "json_schema", cache)) > 0
 
 
 @pytest.mark.parametrize("cfg", [ConstraintConfig(fast_forward=False), ConstraintConfig(lazy_greedy_masks=False)],
@@ -128,10 +130,10 @@ def test_fast_forward_and_lazy_masks_change_nothing(cfg, tiny_engine, cache, mon
             for want, have in zip(reference[kind], _run(tiny_engine, method, kind, {})):
                 assert have.token_ids == want.token_ids, (cfg, kind, method)
                 if not cfg.fast_forward:
-                    assert have.stats["forced"] <= 1      # only the final EOS, emitted without a forward
+                    assert have.stats.forced <= 1      # only the final EOS, emitted without a forward
     fewer = _run(tiny_engine, "ar", "json_schema", {})
     if not cfg.fast_forward:  # fast-forward saves target forwards
-        assert sum(r.stats["steps"] for r in fewer) > sum(r.stats["steps"] for r in reference["json_schema"])
+        assert sum(r.stats.steps for r in fewer) > sum(r.stats.steps for r in reference["json_schema"])
 
 
 @pytest.mark.parametrize("method", ["ar", "sps", "pld"])
@@ -190,6 +192,31 @@ def test_compile_cache(tiny_engine):
     first = grammars.compile(SPECS["regex"])
     assert grammars.compile(ConstraintSpec("regex", REGEX)) is first
     assert grammars.compile(ConstraintSpec("regex", REGEX + "?")) is not first
+
+
+def test_a_slow_compile_holds_up_only_its_own_grammar(tiny_engine):
+    """Compiles run outside the cache lock: a grammar stuck compiling delays the requests that want that grammar
+    (they share its one compile), never a cached grammar or another one."""
+    grammars = tiny_engine.grammars.with_config(ConstraintConfig())
+    cached = grammars.compile(SPECS["regex"])
+    slow, release, started = ConstraintSpec("regex", "[a-c]+z"), threading.Event(), threading.Event()
+    real = grammars._compile
+
+    def stuck(spec):
+        if spec == slow:
+            started.set()
+            assert release.wait(30)
+        return real(spec)
+
+    grammars._compile = stuck
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.submit(grammars.compile, slow), pool.submit(grammars.compile, slow)
+        assert started.wait(30)
+        assert grammars.compile(ConstraintSpec("regex", REGEX)) is cached      # not held up by the stuck one
+        assert grammars.compile(ConstraintSpec("regex", "[x-y]+")).matcher is not None
+        assert not first.done() and not second.done()
+        release.set()
+        assert first.result(30) is second.result(30)                          # one compile, shared
 
 
 # ---- the per-step operations, on a hand-made draft ----------------------------------------------------------
