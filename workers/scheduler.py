@@ -229,14 +229,17 @@ class Scheduler:
 
     def _caps(self, decoding: list[Sequence], base_tokens: int) -> list[int]:
         """Before drafting: how far each request's arm may draft (arms that draft with a model pay per token).
-        A request that drafted nothing last step is not capped (its arm shows what it has first); neither is a
-        sampled request whose arm drafts with a distribution (a batch-dependent cap would change its sample)."""
+        A table arm that drafted nothing last step is not capped (its lookup is free: it shows what it has
+        first); an arm that pays to draft is capped every step, so a cap of zero sticks while drafting does not
+        pay (its drafter is not run one step in two just to be cut). A sampled request whose arm drafts with a
+        distribution is never capped (a batch-dependent cap would change its sample)."""
         free = self.k_max
         if not self.cfg.draft_budget:
             return [free] * len(decoding)
-        planned = [i for i, s in enumerate(decoding) if s.drafted_last and not (s.soft_drafts and not s.params.greedy)]
-        asks = [Ask(decoding[i].acceptance.alpha, free, getattr(decoding[i].proposer, "draft_cost_s", 0.0))
-                for i in planned]
+        cost = [getattr(s.proposer, "draft_cost_s", 0.0) for s in decoding]
+        planned = [i for i, s in enumerate(decoding) if (s.drafted_last or (cost[i] > 0 and s.params.greedy))
+                   and not (s.soft_drafts and not s.params.greedy)]
+        asks = [Ask(decoding[i].acceptance.alpha, free, cost[i]) for i in planned]
         caps = [free] * len(decoding)
         for i, cap in zip(planned, plan(asks, base_tokens, self.curve)):
             caps[i] = cap

@@ -15,11 +15,12 @@ for all requests that chose exit L. Not yet done: the verification forward recom
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
 
-from ..draft_length import best_length, tokens_per_cost
+from ..draft_length import best_length, decayed_mean, tokens_per_cost
 from ..kv import Item, forward_batch
 from ..model import Session
 from ..registry import ArmContext, register
@@ -79,6 +80,12 @@ class EarlyExitProposer:
         self.accepted = dict.fromkeys(exits, 0)    # per exit: draft tokens accepted
         self.rejected = dict.fromkeys(exits, 0)    # per exit: drafts cut by a rejection
         self.layer, self.drafted, self.steps = 0, 0, 0
+        self.share_s: float | None = None          # decayed mean: its share of one batched drafting position
+
+    @property
+    def draft_cost_s(self) -> float:
+        """Seconds one more drafted token costs this request (the step's draft budget weighs it)."""
+        return self.share_s if self.share_s is not None else 0.0005
 
     def propose(self, seq: list[int], k: int) -> Draft:
         return propose_batch([self], [seq], [k])[0]
@@ -112,6 +119,7 @@ def propose_batch(proposers: list[EarlyExitProposer], seqs: list[list[int]], ks:
             last = {i: seqs[i][-1] for i in group}
             for depth in range(max(plans[i][1] for i in group)):
                 live = [i for i in group if depth < plans[i][1]]
+                t0 = time.perf_counter()
                 logits = forward_batch([Item(proposers[i].session, [last[i]]) for i in live], exit_layer=layer)
                 picked = []
                 for i, lg in zip(live, logits):
@@ -125,6 +133,9 @@ def propose_batch(proposers: list[EarlyExitProposer], seqs: list[list[int]], ks:
                 for i, t in zip(live, torch.stack(picked).tolist()):                     # one sync per position
                     tokens[i].append(t)
                     last[i] = t
+                share = (time.perf_counter() - t0) / len(live)
+                for i in live:
+                    proposers[i].share_s = decayed_mean(proposers[i].share_s, share, 0.9)
     finally:
         for p, seq in zip(proposers, seqs):
             p.session.rollback(len(seq) - 1)  # the verification forward rewrites every position drafted here

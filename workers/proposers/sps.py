@@ -107,14 +107,17 @@ def propose_batch(proposers: list[SpsProposer], seqs: list[list[int]], ks: list[
         logits = forward_batch([Item(proposers[i].cache.session, new, rows="last")
                                 for i, new in zip(active, feed)])
         last = torch.cat(logits)                                               # [A, V]
+        argmax = last.argmax(-1)                                               # [A]: all a greedy row needs
         picked = []
         for j, i in enumerate(active):
             p = proposers[i]
             p.cache.fed_up(feed[j])
+            if p.params.greedy:
+                picked.append(argmax[j])
+                continue
             q = probs_from_logits(last[j], p.params)                           # [V]
             rows[i].append(q)
-            picked.append(q.argmax() if p.params.greedy else
-                          race(q, p.noise.rows(p.seed, [len(ctx[i])], q.shape[-1], DRAFT)[0]))
+            picked.append(race(q, p.noise.rows(p.seed, [len(ctx[i])], q.shape[-1], DRAFT)[0]))
         # The drafter's own (temperature 1) confidence decides whether another drafter forward pays.
         flat = torch.cat([torch.stack(picked).float(), torch.special.entr(last.softmax(-1)).sum(-1)]).tolist()
         positions += 1
