@@ -22,12 +22,14 @@ from metaspec.workers.store import RedisConfig, StoreConfig
 from metaspec.workers.worker import DecodeWorker, worker_config
 
 from .config import AppConfig, PoolSpec, TablesSpec, load_app_config
+from .ingress import CALLBACK, CALLBACK_ENV, CERT_ENV, HOST_ENV, KEY_ENV, IngressSpec, bind_address, spec_from_env
 from .policy import user_config
 from .router import Router
 
 GRPC_SERVICER = "metaspec.protocol.convert.add_MetaSpecServicer_to_server"   # generated one + lenient parsing
 MAX_MESSAGE_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"   # Ray reads the proxy's gRPC message limit from this
 DEFAULT_YAML = Path(__file__).resolve().parent / "metaspec.yaml"
+OWN_ENV = (MAX_MESSAGE_ENV, CALLBACK_ENV, HOST_ENV, CERT_ENV, KEY_ENV)   # env vars ServeOptions writes itself
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 # Ray Serve's own settings that cut the serving overhead (gRPC + router + choice over a direct worker call) from
 # ~13 ms to ~5 ms p50 on a 2-core machine (`python -m metaspec.deploy.loadtest overhead`, README). deploy/metaspec.yaml
@@ -49,7 +51,8 @@ class ServeOptions:
     proxy_grpc_port: int | None = None       # direct ingress: the head node's fallback Serve proxy (None = +100)
     http_port: int = 8000                    # the OpenAI HTTP API's port (each node's proxy, or its Router replica)
     proxy_http_port: int | None = None       # direct ingress: the head node's fallback HTTP proxy (None = +100)
-    http_host: str = "127.0.0.1"
+    http_host: str = "127.0.0.1"            # interface of the OpenAI HTTP API (http_options.host)
+    ingress: IngressSpec = IngressSpec()     # the gRPC ingress's interface and TLS (deploy/ingress.py)
     proxy_location: str = "EveryNode"        # a gRPC proxy on every node: no single ingress bottleneck
     max_message_bytes: int = 4 << 20         # gRPC messages above this get RESOURCE_EXHAUSTED at the ingress
     request_timeout_s: float | None = None   # end-to-end limit Serve enforces (DEADLINE_EXCEEDED); None = none
@@ -81,7 +84,7 @@ class ServeOptions:
         """Environment of the Serve controller and, by inheritance, its proxies and replicas. With direct ingress
         the first Router replica of each node takes `grpc_port` and `http_port` (Serve gives ingress replicas ports
         from a range; here the range starts at the service's port, so clients find it where the config says)."""
-        env = dict(self.controller_env) | {MAX_MESSAGE_ENV: str(self.max_message_bytes)}
+        env = dict(self.controller_env) | {MAX_MESSAGE_ENV: str(self.max_message_bytes)} | self.ingress.env()
         if self.direct_ingress:
             env.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT", str(self.grpc_port))
             env.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT", str(self.grpc_port + 99))
@@ -167,6 +170,9 @@ def load_serve_file(path: str | Path) -> tuple[AppConfig, ServeOptions]:
     grpc = data.get("grpc_options") or {}
     http = data.get("http_options") or {}
     env = ((data.get("controller_options") or {}).get("runtime_env") or {}).get("env_vars") or {}
+    if env.get(CALLBACK_ENV, CALLBACK) != CALLBACK:
+        raise ValueError(f"{path}: {CALLBACK_ENV} must be {CALLBACK} (metaspec sets the gRPC ingress's address and "
+                         "TLS through it)")
     defaults = ServeOptions()
     direct = str(env.get(DIRECT_INGRESS_ENV)) == "1"
     grpc_port = int(grpc.get("port", defaults.grpc_port))   # with direct ingress: the head's fallback proxy
@@ -178,13 +184,19 @@ def load_serve_file(path: str | Path) -> tuple[AppConfig, ServeOptions]:
                         if direct else http_port,
                         proxy_http_port=http_port if direct else None,
                         http_host=str(http.get("host", defaults.http_host)),
+                        ingress=spec_from_env(env),
                         proxy_location=str(data.get("proxy_location", defaults.proxy_location)),
                         max_message_bytes=int(env.get(MAX_MESSAGE_ENV, defaults.max_message_bytes)),
                         request_timeout_s=grpc.get("request_timeout_s"),
                         app_name=str(app.get("name", defaults.app_name)),
                         controller_env={str(k): str(v) for k, v in env.items()   # the ports follow grpc_port
-                                        if k != MAX_MESSAGE_ENV and not k.startswith("RAY_SERVE_DIRECT_INGRESS_M")})
+                                        if k not in OWN_ENV and not k.startswith("RAY_SERVE_DIRECT_INGRESS_M")})
     return load_app_config(app.get("args")), opts
+
+
+def _reachable(host: str) -> str:
+    """An address a local client can dial for a server bound to `host` (a wildcard means loopback too)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
 def _interrupt(signum, frame) -> None:
@@ -230,10 +242,11 @@ def serve_until_interrupted(cfg: AppConfig, opts: ServeOptions, address: str | N
     try:
         start(cfg, opts)
         pools = ", ".join(f"{p.name} ({p.num_replicas}x{p.threads} threads)" for p in cfg.pools)
-        print(f"metaspec is serving gRPC on 127.0.0.1:{opts.grpc_port} and the OpenAI HTTP API on "
-              f"http://{opts.http_host}:{opts.http_port}/v1 — pools: {pools}", flush=True)
-        print(f"try: metaspec generate --server 127.0.0.1:{opts.grpc_port} \"def fibonacci(n):\"  (Ctrl-C stops)",
-              flush=True)
+        grpc_at = bind_address(_reachable(opts.ingress.host), opts.grpc_port)
+        tls = " --tls --ca-cert CA.pem" if opts.ingress.tls else ""
+        print(f"metaspec is serving gRPC{' (TLS)' if opts.ingress.tls else ''} on {grpc_at} and the OpenAI HTTP API "
+              f"on http://{bind_address(_reachable(opts.http_host), opts.http_port)}/v1 — pools: {pools}", flush=True)
+        print(f"try: metaspec generate --server {grpc_at}{tls} \"def fibonacci(n):\"  (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

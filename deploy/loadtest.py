@@ -260,8 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--server", required=s is q)
         s.add_argument("--app", default="metaspec")
         s.add_argument("--address", default="auto", help="Ray cluster of the service (overhead, --kill-pool)")
-        s.add_argument("--api-key", default=None)
+        s.add_argument("--api-key-file", default=None, metavar="PATH", help="first line = the API key (default: "
+                       "$METASPEC_API_KEY; never a key on the command line)")
     args = parser.parse_args(argv)
+    from metaspec.protocol.client import read_api_key
+
+    args.api_key = read_api_key(args.api_key_file)
     if args.command == "overhead" and args.local:
         server, apps = start_local(args.local, args.outcome_dir)
     elif args.command == "overhead" or args.kill_pool:

@@ -198,6 +198,11 @@ def _bench_serve(args) -> int:
     from metaspec.bench.serve import ServeConfig, default_out_dir, format_result, run_serve, write_outputs
 
     _quiet_loading()
+    try:
+        args.api_key = _api_key(args)            # from the key file or the environment, never the command line
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.trace:    # the seeded mixed-traffic trace per policy (metaspec/bench/trace.py)
         from metaspec.bench.trace import run_from_cli
 
@@ -236,7 +241,7 @@ def _add_bench_serve(sub) -> None:
     p.add_argument("--server", default=None, metavar="HOST:PORT", help="gRPC service (--backend grpc)")
     p.add_argument("--base-url", default=None, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--model", default="metaspec", help="model name for --backend openai")
-    p.add_argument("--api-key", default=None)
+    _add_key_options(p)
     p.add_argument("--methods", default="ar", help="comma list of arms; 'auto' = no method (the service's "
                    "selector; the engine backend's default arm)")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma list: closed-loop clients per load level")
@@ -373,8 +378,29 @@ def _add_selector_commands(sub) -> None:
 def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", default=None, metavar="HOST:PORT",
                    help="send the request to a running service over gRPC instead of loading models here")
-    p.add_argument("--api-key", default=None, help="API key for --server (sent as x-api-key metadata)")
+    _add_key_options(p)
+    p.add_argument("--tls", action="store_true", help="--server speaks TLS (verified against --ca-cert or the "
+                   "system's roots)")
+    p.add_argument("--ca-cert", default=None, metavar="FILE", help="PEM CA certificate(s) to verify the server by "
+                   "(implies --tls)")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds for --server")
+
+
+def _add_key_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key-file", default=None, metavar="PATH", help="file whose first line is the API key "
+                   "(default: $METASPEC_API_KEY; sent as x-api-key metadata / a bearer token)")
+    p.add_argument("--api-key", default=None, help=argparse.SUPPRESS)   # refused: see _api_key
+
+
+def _api_key(args) -> str | None:
+    """The key from --api-key-file or $METASPEC_API_KEY. A key on the command line is refused: it would show in
+    `ps`, shell history and CI logs."""
+    from metaspec.protocol.client import API_KEY_ENV, read_api_key
+
+    if args.api_key is not None:
+        raise ValueError(f"--api-key is not accepted (command lines are visible to every user of the machine): "
+                         f"set {API_KEY_ENV} or pass --api-key-file PATH")
+    return read_api_key(args.api_key_file)
 
 
 def _generate_remote(args, constraint=None) -> int:
@@ -385,7 +411,12 @@ def _generate_remote(args, constraint=None) -> int:
         return 2
     final, text = None, []
     try:
-        with Client(args.server, api_key=args.api_key, timeout_s=args.timeout) as client:
+        key = _api_key(args)
+        ca = Path(args.ca_cert).read_bytes() if args.ca_cert else None
+    except (ValueError, OSError) as exc:
+        return _generate_error(args, exc)
+    try:
+        with Client(args.server, api_key=key, timeout_s=args.timeout, tls=args.tls, ca_cert=ca) as client:
             for reply in client.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                        top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed,
                                        method=args.method or "", constraint=constraint):
@@ -424,6 +455,8 @@ def _serve(args) -> int:
         print(f"error: {path}: {exc}", file=sys.stderr)
         return 2
     opts = replace(opts, grpc_port=args.grpc_port, proxy_grpc_port=None) if args.grpc_port else opts
+    if args.host:   # opt in to other interfaces than the config's (loopback unless it says otherwise)
+        opts = replace(opts, http_host=args.host, ingress=replace(opts.ingress, host=args.host))
     opts = replace(opts, http_port=args.http_port, proxy_http_port=None) if args.http_port else opts
     if not args.address and (missing := missing_checkpoints(cfg)):
         print(f"error: checkpoints not found: {', '.join(missing)} (run `metaspec train` or set the pool's "
@@ -457,6 +490,8 @@ def _add_serving_commands(sub) -> None:
     p.add_argument("--config", default=None, help="Serve config YAML (default: the shipped deploy/metaspec.yaml)")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default: the config's)")
     p.add_argument("--http-port", type=int, default=None, help="OpenAI HTTP API port (default: the config's)")
+    p.add_argument("--host", default=None, help="interface the gRPC and HTTP APIs listen on (default: the config's, "
+                   "127.0.0.1 in the shipped one; 0.0.0.0 = every interface: configure TLS and API keys first)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray on loopback)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: enough for the pools)")
     p.set_defaults(func=_serve)

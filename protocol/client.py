@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import grpc
 
@@ -18,6 +20,7 @@ from .metaspec_pb2_grpc import MetaSpecStub
 from .types import Constraint, Health, Reply, ServiceInfo
 
 API_KEY_HEADER = "x-api-key"   # gRPC metadata key carrying the client's API key
+API_KEY_ENV = "METASPEC_API_KEY"   # where the CLI looks for a key when no --api-key-file is given
 
 
 class ServiceError(Exception):
@@ -31,13 +34,19 @@ class ServiceError(Exception):
 
 class Client:
     """`application` names the Serve application when one Ray Serve instance runs several (Serve's gRPC proxy
-    routes on the `application` metadata key); None = the only one."""
+    routes on the `application` metadata key); None = the only one. `tls=True` (or a `ca_cert`) speaks TLS and
+    verifies the server's certificate against `ca_cert` (PEM bytes) or, without one, the system's roots."""
 
     def __init__(self, address: str, api_key: str | None = None, timeout_s: float | None = None,
-                 max_message_bytes: int = 64 << 20, application: str | None = None) -> None:
+                 max_message_bytes: int = 64 << 20, application: str | None = None, tls: bool = False,
+                 ca_cert: bytes | None = None) -> None:
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
-        self.channel = grpc.insecure_channel(address, options=options)
+        if tls or ca_cert is not None:   # ca_cert: PEM roots to verify the server by; None = the system's
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca_cert)
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = MetaSpecStub(self.channel)
         self.metadata = (((API_KEY_HEADER, api_key),) if api_key else ()) + \
             ((("application", application),) if application else ())
@@ -92,9 +101,22 @@ class Client:
         return timeout_s if timeout_s is not None else self.timeout_s
 
 
+def read_api_key(path: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The client's API key: the first line of the file at `path`, else $METASPEC_API_KEY, else None. (Never a
+    command-line argument: those show in `ps` and shell history.)"""
+    if path:
+        lines = Path(path).expanduser().read_text().splitlines()
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ValueError(f"API key file {path} is empty")
+        return key
+    environ = os.environ if environ is None else environ
+    return environ.get(API_KEY_ENV) or None
+
+
 def _service_error(err: grpc.RpcError) -> ServiceError:
     code = err.code() if hasattr(err, "code") else None
     return ServiceError(code.name if code is not None else "UNKNOWN", err.details() if hasattr(err, "details") else str(err))
 
 
-__all__ = ["API_KEY_HEADER", "Client", "Constraint", "ServiceError"]
+__all__ = ["API_KEY_ENV", "API_KEY_HEADER", "Client", "Constraint", "ServiceError", "read_api_key"]

@@ -288,11 +288,13 @@ def test_a_tokenizer_without_a_template_gets_the_default_one(tiny_tokenizer_dir,
     assert asyncio.run(ChatTemplate(str(own)).render(messages)) == "<system>Be brief.<user>hi<go>"
 
 
-def test_cli_generate_against_the_service(service, capsys):
-    """`metaspec generate --server ... --json` (gRPC) with a constraint and the sampling options."""
+def test_cli_generate_against_the_service(service, capsys, monkeypatch):
+    """`metaspec generate --server ... --json` (gRPC) with a constraint and the sampling options; the key comes
+    from the environment."""
     from metaspec.cli import main
 
-    rc = main(["generate", "--server", service["grpc"], "--api-key", KEY, "--json", "--regex", "[a-z]{4}",
+    monkeypatch.setenv("METASPEC_API_KEY", KEY)
+    rc = main(["generate", "--server", service["grpc"], "--json", "--regex", "[a-z]{4}",
                "--max-tokens", "8", "--top-k", "5", "--top-p", "0.9", "--temperature", "0.5", "Word: "])
     (line,) = capsys.readouterr().out.splitlines()
     record = json.loads(line)
