@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -71,6 +72,12 @@ class Result:
         return len(self.token_ids) / self.wall_s if self.wall_s > 0 else 0.0
 
 
+def _stop_loop(stop: threading.Event, loop: threading.Thread, timeout_s: float = 10.0) -> None:
+    stop.set()
+    if loop is not threading.current_thread():
+        loop.join(timeout_s)
+
+
 class Engine:
     def __init__(self, cfg: EngineConfig, resources: dict[str, Any] | None = None) -> None:
         from transformers import AutoTokenizer
@@ -95,11 +102,13 @@ class Engine:
         self._loop = threading.Thread(target=self.scheduler.run, args=(self._stop,), daemon=True,
                                       name="metaspec-step-loop")
         self._loop.start()
+        # An engine dropped or still open at interpreter exit stops its loop first: a daemon thread left inside a
+        # forward while the interpreter tears down the libraries it runs in can crash the exiting process.
+        self._closer = weakref.finalize(self, _stop_loop, self._stop, self._loop)
 
     def close(self) -> None:
         """Stop the step loop (requests still running end with an error)."""
-        self._stop.set()
-        self._loop.join(timeout=10)
+        self._closer()
 
     def available_methods(self) -> list[str]:
         return [name for name, arm in arms().items()
