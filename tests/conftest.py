@@ -8,6 +8,7 @@ accepted and rejected drafts, not only empty ones.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -17,6 +18,14 @@ import pytest
 import torch
 
 torch.set_num_threads(1)  # the CI box has 2 cores; tiny models gain nothing from more threads
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """pytest's faulthandler stops with the session; keep one on while the interpreter exits, so a crash there
+    prints every thread's stack instead of a bare exit code 139."""
+    faulthandler.enable(all_threads=True)
+
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKPOINTS = REPO / "metaspec" / "checkpoints"
