@@ -81,7 +81,7 @@ async def _generate(router: "Router", request: HttpRequest, key: str | None, cha
     prompt = await router.chat_template.render(http.messages) if chat else None
     call = to_call(http, spec.default_max_tokens, prompt)
     router.access.admit(key)                 # this key's quota (429 when used up)
-    choice, rid = await router.choose(call)
+    call, choice, rid = await router.choose(call)
     receipt = Receipt(key=key)
     if not http.stream:
         reply = await router.run(call, choice, rid, t0, http.timeout_s, receipt)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from metaspec.protocol.types import Constraint, GenerateCall, Reply
-from metaspec.workers.types import RequestError
+from metaspec.workers.request import RequestError
 
 # gRPC status name (what the router maps every failure to) -> (HTTP status, OpenAI error type)
 HTTP_STATUS: dict[str, tuple[int, str]] = {

@@ -18,8 +18,7 @@ from metaspec.selector.live import LiveConfig, LiveSelector
 from metaspec.selector.rules import DEFAULT_ARMS, ArmSpec
 from metaspec.selector.selector import SelectorConfig
 from metaspec.selector.types import Choice, PoolInfo
-from metaspec.workers.engine import Request
-from metaspec.workers.types import RequestError
+from metaspec.workers.request import Request, RequestError
 
 from .config import PoolSpec, RouterModel, RouterSpec
 
@@ -81,8 +80,8 @@ def least_loaded(pools: Sequence[PoolInfo]) -> PoolInfo:
 
 def cheap_features(request: Request) -> dict[str, float]:
     """What the fixed policy records about a request (the learned selector records its own features)."""
-    p = request.params
-    size = float(len(request.prompt or "") if request.prompt_ids is None else len(request.prompt_ids))
+    p = request.params   # a text prompt is measured in characters (the router adds its ids; they do not count)
+    size = float(len(request.prompt) if request.prompt is not None else len(request.prompt_ids or ()))
     return {"prompt_size": size, "max_tokens": float(p.max_tokens), "temperature": float(p.temperature),
             "has_constraint": float(request.constraint is not None)}
 

@@ -39,9 +39,8 @@ from metaspec.selector.live import LiveSelector
 from metaspec.selector.rules import ArmSpec, specs_from_registry
 from metaspec.selector.features import inflight_load_features
 from metaspec.selector.types import Choice, Outcome, PoolInfo
-from metaspec.workers.engine import Chunk, Result
 from metaspec.workers.outcome_log import OutcomeLog, OutcomeLogConfig
-from metaspec.workers.worker import WorkerInfo
+from metaspec.workers.request import Chunk, Request, RequestStats, Result, WorkerInfo
 
 from . import openai_http
 from .access import Access, access_config
@@ -51,6 +50,7 @@ from .pool_watch import PoolWatch
 from .policy import (FixedPolicy, NgramMirror, Policy, apply_user_config, check_call, live_config, make_policy,
                      mirror_pool, pick)
 from .status import Status, _replica_lost, status_of
+from .tokens import PromptTokens
 
 logger = logging.getLogger("ray.serve")
 OUTCOME_RECORDED = "outcome-recorded"   # trailing metadata of Generate/GenerateStream: "true" / "false"
@@ -93,9 +93,11 @@ class Router:
         self.pools = {p.name: p for p in pools}
         self.arms = dict(arms) if arms is not None else specs_from_registry()   # the app builder passes the table
         self.workers = _local_handles(workers)
+        self.tokens = PromptTokens(_tokenizer_of(pools[0]))   # every pool shares one tokenizer family
         self.mirror: NgramMirror | None = None                   # these two: built once a learnt selector is used
         self.live: LiveSelector | None = None
         self.policy: Policy = policy or self._policy_for(spec)
+        self.tokens.warm()
         self.log = OutcomeLog(OutcomeLogConfig(spec.outcome_dir, spec.outcome_max_bytes, fsync=spec.outcome_fsync,
                                                sync_before_ack=spec.outcome_fsync_before_reply))
         self.metrics = ServiceMetrics()
@@ -122,8 +124,8 @@ class Router:
             pools = tuple(self.pools.values())
             pool = mirror_pool(pools)
             self.mirror = NgramMirror.for_pool(pool) if pool is not None else None
-            self.live = make_policy(spec, pools, ngram_hit_rate=self.mirror.hit_rate if self.mirror else None,
-                                    arms=self.arms)
+            self.live = make_policy(spec, pools, self.tokens.tokenizer(),
+                                    ngram_hit_rate=self.mirror.hit_rate if self.mirror else None, arms=self.arms)
         elif error := self.live.switch(live_config(spec)):
             logger.error("router reconfigure: %s", error)
         return self.live
@@ -131,6 +133,8 @@ class Router:
     def __del__(self) -> None:   # Serve calls it on graceful replica shutdown
         if getattr(self, "mirror", None) is not None:
             self.mirror.close()
+        if getattr(self, "tokens", None) is not None:
+            self.tokens.close()
 
     # ---- RPCs ----------------------------------------------------------------------------------------------
     async def Generate(self, msg: Any, grpc_context=None) -> Any:
@@ -167,7 +171,7 @@ class Router:
         """The whole answer; its outcome is on disk before it returns (else `receipt` says it is not). Raises a
         (counted) Status on failure."""
         receipt = receipt if receipt is not None else Receipt()
-        request = dataclasses.replace(call.request, method=choice.method)
+        request = self._request_for(call, choice)
         self._enter(choice.pool)
         left = None if timeout_s is None else max(0.0, timeout_s - (time.perf_counter() - t0))
         try:
@@ -191,7 +195,7 @@ class Router:
         is yielded (else `receipt` says it is not). Raises a (counted) Status on failure; closing it cancels the
         worker's request."""
         receipt = receipt if receipt is not None else Receipt()
-        request = dataclasses.replace(call.request, method=choice.method)
+        request = self._request_for(call, choice)
         self._enter(choice.pool)
         done, ttft = False, None
         deadline = None if timeout_s is None else t0 + timeout_s
@@ -315,13 +319,12 @@ class Router:
         maps."""
         receipt.key = self._authorize(grpc_context)
         self.access.admit(receipt.key)
-        call = convert.call_from_proto(msg, self.spec.default_max_tokens)
-        choice, rid = await self.choose(call)
-        return call, choice, rid
+        return await self.choose(convert.call_from_proto(msg, self.spec.default_max_tokens))
 
-    async def choose(self, call: GenerateCall) -> tuple[Choice, str]:
-        """Check a converted call against the deployment's limits and pick (pool, method); returns the choice and
-        the request id. Raises what `status_of` maps."""
+    async def choose(self, call: GenerateCall) -> tuple[GenerateCall, Choice, str]:
+        """Check a converted call against the deployment's limits, tokenise its text prompt (once, off the event
+        loop) and pick (pool, method); returns the call with its prompt ids, the choice and the request id. Raises
+        what `status_of` maps."""
         if self.live is not None and self.policy is self.live:
             self.live.poll()                                # a stat at most every selector_check_s
         check_call(call, self.spec.max_tokens_limit, self.spec.max_prompt_chars)
@@ -333,6 +336,7 @@ class Router:
         # ids beyond the smallest vocabulary fail here, before any feature or arm sees them (every pool shares one
         # tokenizer family; a pool with a larger vocabulary accepts what this lets through)
         convert.check_token_ids(call.request.prompt_ids, min(i.vocab_size for i in infos.values()))
+        call = dataclasses.replace(call, request=await self.tokens.tokenised(call.request))
         if (m := call.request.method) and not any(m in i.methods for i in serving.values()) and any(
                 m in i.methods for i in infos.values()):
             raise Status(grpc.StatusCode.UNAVAILABLE, f"every pool that runs {m} is down; retry later")
@@ -340,7 +344,12 @@ class Router:
                  for n, i in serving.items()]
         choice = pick(self.policy, call.request, pools, self.arms)
         self.metrics.chosen(choice)
-        return choice, call.request_id or uuid.uuid4().hex
+        return call, choice, call.request_id or uuid.uuid4().hex
+
+    def _request_for(self, call: GenerateCall, choice: Choice) -> Request:
+        """What the chosen pool's worker gets: the chosen method, and the prompt ids if it tokenises like us."""
+        request = dataclasses.replace(call.request, method=choice.method)
+        return self.tokens.for_pool(request, _tokenizer_of(self.pools[choice.pool]))
 
     async def _pool_infos(self) -> dict[str, WorkerInfo]:
         """Each pool's WorkerInfo, asked once per pool (a pool that does not answer is asked again next time)."""
@@ -435,6 +444,10 @@ def _trailers(grpc_context, receipt: Receipt) -> None:
         grpc_context.set_trailing_metadata(receipt.metadata())
 
 
+def _tokenizer_of(pool: PoolSpec) -> str:
+    return pool.tokenizer or pool.target
+
+
 def _model_name(path: str | None) -> str:
     """What a client learns of a checkpoint: its directory's name, never the path on the node."""
     return Path(path).name if path else ""
@@ -465,28 +478,29 @@ def final_reply(result: Result, choice: Choice, rid: str, ttft_s: float, wall_s:
     """The unary reply (whole=True) or the last stream message (text and token_ids left to the chunks)."""
     s = result.stats
     n = len(result.token_ids)
-    acceptance = {k: s[k] for k in ("acceptance_length", "acceptance_rate", "steps", "drafts", "drafted", "accepted")}
+    acceptance = {"acceptance_length": s.acceptance_length, "acceptance_rate": s.acceptance_rate, "steps": s.steps,
+                  "drafts": s.drafts, "drafted": s.drafted, "accepted": s.accepted}
     timings = {"ttft_s": ttft_s, "wall_s": wall_s, "tokens_per_s": n / wall_s if wall_s > 0 else 0.0,
-               "worker_wall_s": result.wall_s, "prefill_s": s.get("prefill_s", 0.0)}
+               "worker_wall_s": result.wall_s, "prefill_s": s.prefill_s}
     return Reply(text=result.text if whole else "", token_ids=tuple(result.token_ids) if whole else (),
                  finish_reason=result.finish_reason, method=result.method, pool=choice.pool, reason=choice.reason,
                  scores=dict(choice.scores), selector_version=choice.selector_version, acceptance=acceptance,
-                 timings=timings, fallback=s.get("fallback") or "", request_id=rid,
+                 timings=timings, fallback=s.fallback or "", request_id=rid,
                  prompt_tokens=result.prompt_tokens, completion_tokens=n)
 
 
 def make_outcome(call: GenerateCall, choice: Choice, rid: str, status: str, wall_s: float,
                  result: Result | None = None, ttft_s: float = 0.0) -> Outcome:
     req, p = call.request, call.request.params
-    s = result.stats if result is not None else {}
+    s = result.stats if result is not None else RequestStats()
     n = len(result.token_ids) if result is not None else 0
-    prompt = req.prompt if req.prompt_ids is None else ",".join(map(str, req.prompt_ids))
+    prompt = req.prompt if req.prompt is not None else ",".join(map(str, req.prompt_ids or ()))
     return Outcome(
         request_id=rid, ts=time.time(), source="service", pool=choice.pool, method=choice.method, status=status,
         features=dict(choice.features), prompt_id=hashlib.sha256((prompt or "").encode()).hexdigest()[:16],
         explored=choice.explored, reason=choice.reason, scores=dict(choice.scores),
         selector_version=choice.selector_version, prompt_tokens=result.prompt_tokens if result else 0,
         completion_tokens=n, ttft_s=ttft_s, wall_s=wall_s, tokens_per_s=n / wall_s if wall_s > 0 else 0.0,
-        acceptance_length=s.get("acceptance_length", 1.0), acceptance_rate=s.get("acceptance_rate", 0.0),
-        finish_reason=result.finish_reason if result else "", fallback=s.get("fallback"),
+        acceptance_length=s.acceptance_length, acceptance_rate=s.acceptance_rate,
+        finish_reason=result.finish_reason if result else "", fallback=s.fallback,
         temperature=p.temperature, max_tokens=p.max_tokens, has_constraint=req.constraint is not None)

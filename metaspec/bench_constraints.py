@@ -101,9 +101,9 @@ def _run(engine: Engine, ids: tuple[int, ...], spec: ConstraintSpec | None, meth
                                      constraint=spec))
     s = result.stats
     return {"tokens": len(result.token_ids), "wall_s": result.wall_s, "finish": result.finish_reason,
-            "text": result.text, "token_ids": result.token_ids, "steps": s["steps"], "forced": s.get("forced", 0),
-            "pruned": s.get("pruned", 0), "drafted": s["drafted"], "accepted": s["accepted"],
-            "fallback": s["fallback"]}
+            "text": result.text, "token_ids": result.token_ids, "steps": s.steps, "forced": s.forced,
+            "pruned": s.pruned, "drafted": s.drafted, "accepted": s.accepted,
+            "fallback": s.fallback}
 
 
 def bench_schema(engine: Engine, no_ff: GrammarCompiler, row: dict, arms: list[str], max_tokens: int) -> dict:

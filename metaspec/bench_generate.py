@@ -64,8 +64,8 @@ def stream_text(engine: Engine, request: Request, out: TextIO | None = None) -> 
 def stats_line(result: Result) -> str:
     s = result.stats
     return (f"[{result.method} · {len(result.token_ids)} tokens · {result.tokens_per_s:.1f} tok/s · "
-            f"acceptance length {s['acceptance_length']:.2f} · finish {result.finish_reason}"
-            + (f" · fell back to ar: {s['fallback']}" if s.get("fallback") else "") + "]")
+            f"acceptance length {s.acceptance_length:.2f} · finish {result.finish_reason}"
+            + (f" · fell back to ar: {s.fallback}" if s.fallback else "") + "]")
 
 
 def compare_methods(engine: Engine, prompt: str, params: SamplingParams, repeats: int = 3) -> list[dict]:
@@ -86,8 +86,8 @@ def compare_methods(engine: Engine, prompt: str, params: SamplingParams, repeats
     return [{
         "method": m, "tokens": len(rs[0].token_ids), "tokens_per_s": 1 / spt[m] if spt[m] > 0 else 0.0,
         "speedup_vs_ar": spt["ar"] / spt[m] if spt[m] > 0 else None,
-        "acceptance_length": rs[0].stats["acceptance_length"], "same_as_ar": rs[0].token_ids == ar_ids,
-        "fallback": rs[0].stats.get("fallback"),
+        "acceptance_length": rs[0].stats.acceptance_length, "same_as_ar": rs[0].token_ids == ar_ids,
+        "fallback": rs[0].stats.fallback,
     } for m, rs in runs.items()]
 
 

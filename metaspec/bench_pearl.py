@@ -90,8 +90,8 @@ def run_once(engine: Engine, setting: Setting, ids: list[int], params: SamplingP
     r = engine.generate(Request(prompt_ids=tuple(ids), params=params, method=setting.arm))
     s = r.stats
     return {"setting": setting.name, "arm": setting.arm, "tokens": len(r.token_ids), "wall_s": r.wall_s,
-            "tokens_per_s": r.tokens_per_s, "acceptance_length": s["acceptance_length"], "drafted": s["drafted"],
-            "accepted": s["accepted"], "steps": s["steps"], "fallback": s["fallback"], "token_ids": r.token_ids}
+            "tokens_per_s": r.tokens_per_s, "acceptance_length": s.acceptance_length, "drafted": s.drafted,
+            "accepted": s.accepted, "steps": s.steps, "fallback": s.fallback, "token_ids": r.token_ids}
 
 
 def background_busy(window_s: float = 0.3) -> float:

@@ -90,9 +90,9 @@ def _result_record(result) -> dict:
     s = result.stats
     return {"text": result.text, "method": result.method, "finish_reason": result.finish_reason,
             "prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.token_ids),
-            "acceptance_length": s.get("acceptance_length", 1.0), "acceptance_rate": s.get("acceptance_rate", 0.0),
+            "acceptance_length": s.acceptance_length, "acceptance_rate": s.acceptance_rate,
             "ttft_s": result.ttft_s, "wall_s": result.wall_s, "tokens_per_s": result.tokens_per_s,
-            "fallback": s.get("fallback") or ""}
+            "fallback": s.fallback or ""}
 
 
 def _generate_error(args, exc: BaseException) -> int:

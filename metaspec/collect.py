@@ -201,11 +201,10 @@ def _outcome(run: Prepared, method: str, cfg: CollectConfig, feats: dict, t: flo
         source="collect", pool=cfg.pool, method=method, status="OK", features=feats, prompt_id=prompt.prompt_id,
         category=prompt.category, reason="collect", selector_version="collect", prompt_tokens=result.prompt_tokens,
         completion_tokens=len(result.token_ids), ttft_s=result.ttft_s, wall_s=result.wall_s,
-        tokens_per_s=result.tokens_per_s, acceptance_length=float(s.get("acceptance_length", 1.0)),
-        acceptance_rate=float(s.get("acceptance_rate", 0.0)), finish_reason=result.finish_reason,
-        fallback=s.get("fallback"), temperature=t, max_tokens=max_tokens, has_constraint=run.constraint is not None,
-        concurrency=level, batch_mean=s.get("batch_sum", 0) / max(s.get("steps", 0), 1),
-        budget_cut=int(s.get("budget_cut", 0)))
+        tokens_per_s=result.tokens_per_s, acceptance_length=s.acceptance_length,
+        acceptance_rate=s.acceptance_rate, finish_reason=result.finish_reason,
+        fallback=s.fallback, temperature=t, max_tokens=max_tokens, has_constraint=run.constraint is not None,
+        concurrency=level, batch_mean=s.batch_mean, budget_cut=s.budget_cut)
 
 
 def run_group(cfg: CollectConfig, engine, group: list[Prepared], recorded: int, t: float, methods: list[str],

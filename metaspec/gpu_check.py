@@ -79,7 +79,7 @@ def contract(e, max_tokens: int = 32) -> dict:
     bad = [f"{r.method} {'alone' if i == 0 else 'batched'}: {r.prompt[:24]!r}"
            for r, a, b in zip(requests, alone, mixed) for i, got in enumerate((a, b))
            if got.token_ids != reference[r.prompt]]
-    drafted = {m: sum(a.stats["drafted"] for r, a in zip(requests, alone) if r.method == m) for m in methods}
+    drafted = {m: sum(a.stats.drafted for r, a in zip(requests, alone) if r.method == m) for m in methods}
     return {"methods": methods, "mismatches": bad, "drafted": drafted, "ok": not bad}
 
 

@@ -18,8 +18,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from metaspec.workers.engine import Request
-from metaspec.workers.types import RequestError, SamplingParams
+from metaspec.workers.request import Request, RequestError, SamplingParams
 
 from . import metaspec_pb2 as pb
 from .types import (Constraint, GenerateCall, Health, MethodInfo, PoolDescription, PoolHealth, Reply,
@@ -93,7 +92,7 @@ def check_limits(msg: pb.GenerateRequest, limits: RequestLimits = DEFAULT_LIMITS
     >>> check_limits(make_request("hi", stop=["x"] * 17))
     Traceback (most recent call last):
     ...
-    metaspec.workers.types.RequestError: stop: at most 16 stop strings, got 17
+    metaspec.workers.errors.RequestError: stop: at most 16 stop strings, got 17
     """
     lim = limits
     _at_most("text", "characters", len(msg.text), lim.max_prompt_chars)

@@ -1,14 +1,15 @@
 """What the gRPC API carries, as frozen dataclasses: the rest of the code never sees a protobuf message.
 
-`protocol/convert.py` is the only module that maps these to and from the generated protobuf types.
+`protocol/convert.py` is the only module that maps these to and from the generated protobuf types. A call carries
+the engine's `Request` (`workers/request.py`, torch-free): this layer imports no torch and no engine module.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from metaspec.workers.constraint import ConstraintSpec as Constraint   # kind, source, aligned
-from metaspec.workers.engine import Request
+from metaspec.workers.request import ConstraintSpec as Constraint   # kind, source, aligned
+from metaspec.workers.request import Request
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,18 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from .constraint import ConstraintConfig, ConstraintSpec, GrammarCompiler
+from .constraint import ConstraintConfig, GrammarCompiler
 from .budget import CostCurve
 from .detokenize import Detokenizer
 from .model import Model, ModelConfig, load_model
 from .registry import ArmContext, arms, build
+from .request import Chunk, Request, RequestStats, Result   # torch-free (the router's view); re-exported
 from .sampling import Noise, new_seed
 from .scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence
-from .types import RequestError, SamplingParams
+from .types import RequestError
 
 __all__ = ["Chunk", "Engine", "EngineConfig", "Output", "QueueFull", "Request", "Result", "timestamped"]
 
@@ -39,37 +40,6 @@ class EngineConfig:
     learn_emitted: bool = True               # at request end, teach resources["ngram_table"] (if any) the emitted
                                              # tokens, whatever the arm; off where runs must not see each other (bench)
     batch: SchedulerConfig = SchedulerConfig()  # KV pool size, chunked prefill, step budget, waiting queue
-
-
-@dataclass(frozen=True)
-class Request:
-    prompt: str | None = None                          # text prompt (or give prompt_ids)
-    prompt_ids: tuple[int, ...] | None = None          # pre-tokenised prompt
-    params: SamplingParams = field(default_factory=SamplingParams)
-    method: str | None = None                          # arm name; None = automatic
-    constraint: ConstraintSpec | None = None           # output grammar (JSON Schema, regex, Lark); None = free text
-
-
-@dataclass(frozen=True)
-class Chunk:
-    token_ids: list[int]     # tokens emitted by one decode step
-    text: str                # text that became final with them (stop strings held back until resolved)
-
-
-@dataclass(frozen=True)
-class Result:
-    text: str
-    token_ids: list[int]
-    finish_reason: str                       # "stop" | "length"
-    method: str
-    prompt_tokens: int
-    ttft_s: float                            # request start → first emitted token
-    wall_s: float
-    stats: dict[str, Any]                    # DecodeStats fields + acceptance_length
-
-    @property
-    def tokens_per_s(self) -> float:
-        return len(self.token_ids) / self.wall_s if self.wall_s > 0 else 0.0
 
 
 def _stop_loop(stop: threading.Event, loop: threading.Thread, timeout_s: float = 10.0) -> None:
@@ -290,12 +260,10 @@ class Output:
                 self.text, self.finish_reason = self.text[:cut], "stop"
         self.engine.learn(self.seq.prompt, self.out)
         wall = (self.t_end if self.t_end is not None else time.perf_counter()) - self.t_start
-        st = self.seq.stats
-        stats = asdict(st) | {"acceptance_length": st.acceptance_length, "acceptance_rate": st.acceptance_rate}
         if self.sent < len(self.text):
             yield Chunk([], self.text[self.sent:])
         yield Result(self.text, self.out, self.finish_reason, self.method, len(self.seq.prompt),
-                     self.ttft_s or wall, wall, stats)
+                     self.ttft_s or wall, wall, RequestStats.of(self.seq.stats))
 
 
 def _find_stop(text: str, stops: tuple[str, ...], searched_from: int) -> int | None:

@@ -1,43 +1,16 @@
-"""The decoding vocabulary shared by every arm: sampling parameters, drafts, verdicts, the Proposer protocol."""
+"""The decoding vocabulary shared by every arm: drafts, verdicts, the Proposer protocol (sampling parameters and
+the decode counters live in the torch-free `request.py`)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
-from .errors import RequestError
+from .request import DecodeStats, RequestError, SamplingParams   # torch-free; re-exported here
 
 __all__ = ["DecodeStats", "Draft", "Proposer", "RequestError", "SamplingParams", "Verdict"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0          # 0 = greedy
-    top_k: int = 0                    # 0 = no top-k cut
-    top_p: float = 1.0                # nucleus mass in (0, 1]
-    max_tokens: int = 128             # tokens to emit at most
-    stop: tuple[str, ...] = ()        # stop strings (not included in the output)
-    seed: int | None = None           # seeds drafter sampling and verification together
-    ignore_eos: bool = False          # keep going past EOS (benchmarks)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
-            raise RequestError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or math.isnan(self.top_p) or not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise RequestError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
-            raise RequestError(f"max_tokens must be an integer > 0, got {self.max_tokens!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise RequestError("stop strings must be non-empty strings")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 @dataclass(frozen=True)
@@ -89,32 +62,3 @@ class Proposer(Protocol):
     def propose(self, seq: list[int], k: int) -> Draft: ...
 
     def observe(self, seq: list[int], verdict: Verdict) -> None: ...
-
-
-@dataclass
-class DecodeStats:
-    """Counters of one decode; mean acceptance length = 1 + accepted / drafts."""
-
-    steps: int = 0               # target forwards after prefill
-    drafts: int = 0              # steps that carried a non-empty draft
-    drafted: int = 0             # draft tokens proposed
-    accepted: int = 0            # draft tokens accepted
-    emitted: int = 0             # tokens emitted
-    prefill_s: float = 0.0       # prompt prefill wall time
-    propose_s: float = 0.0       # time spent in propose/observe
-    verify_s: float = 0.0        # time spent in target forwards + verification
-    fallback: str | None = None  # why the arm fell back to AR mid-request, if it did
-    forced: int = 0              # constrained: tokens emitted from grammar-forced drafts (fast-forward, final EOS)
-    pruned: int = 0              # constrained: draft tokens dropped before verification because they left the grammar
-    budget_cut: int = 0          # draft tokens the step budget cut (did not pay for their share of the batch)
-    draft_hist: dict[int, int] = field(default_factory=dict)   # verified draft length -> steps
-    batch_sum: int = 0           # sum over its steps of the requests in the step (mean batch = batch_sum / steps)
-    budget_reason: str = ""      # the latest budget decision that cut this request's draft, in words
-
-    @property
-    def acceptance_length(self) -> float:
-        return 1.0 + self.accepted / self.drafts if self.drafts else 1.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0

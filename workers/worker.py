@@ -23,6 +23,7 @@ from .model import ModelConfig
 from .scheduler import SchedulerConfig
 from .pearl import PearlConfig
 from .registry import arms
+from .request import WorkerInfo   # torch-free (the router imports it from there); re-exported
 from .store import SharedTables, StoreConfig
 
 
@@ -37,14 +38,6 @@ class WorkerConfig:
                                        # found at start, cluster/placement.py); None = no bundle of its own
 
 
-@dataclass(frozen=True)
-class WorkerInfo:
-    pool: str
-    methods: tuple[str, ...]        # arms this replica can run
-    max_context: int                # target's context window (prompt + completion)
-    vocab_size: int
-
-
 @dataclass
 class WorkerCounters:
     """What this replica did since it started (read by tests and Health)."""
@@ -54,6 +47,8 @@ class WorkerCounters:
     cancelled: int = 0
     failed: int = 0
     tokens: int = 0
+    tokenised: int = 0                               # requests whose prompt this replica tokenised (sent as text
+                                                     # only: the router sends ids, which are never re-tokenised)
     active: set[str] = field(default_factory=set)   # ids of requests being decoded now
     running: int = 0                                 # requests in the step loop's batch now
     waiting: int = 0                                 # requests waiting for a KV slot now
@@ -130,6 +125,8 @@ class DecodeWorker:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         t_start = time.perf_counter()
+        if request.prompt_ids is None:
+            self.counters.tokenised += 1
         setup = loop.run_in_executor(self._setup, self.engine.submit, request, _sink(loop, events))
         try:
             s = await asyncio.shield(setup)

@@ -151,7 +151,7 @@ def choose_arms(engine: Engine, wanted: tuple[str, ...] | None) -> list[str]:
 def our_runner(engine: Engine, method: str, params: SamplingParams) -> Runner:
     def run(ids: list[int]) -> RunOutput:
         result = engine.generate(Request(prompt_ids=tuple(ids), params=params, method=method))
-        return RunOutput(result.token_ids, result.wall_s, result.ttft_s, result.stats)
+        return RunOutput(result.token_ids, result.wall_s, result.ttft_s, result.stats.to_dict())
 
     return Runner(method, "ours", run)
 

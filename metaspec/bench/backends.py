@@ -88,7 +88,7 @@ class EngineBackend:
             else:
                 break
         result = list(out.finish())[-1]
-        trace.drafts, trace.accepted = result.stats.get("drafts", 0), result.stats.get("accepted", 0)
+        trace.drafts, trace.accepted = result.stats.drafts, result.stats.accepted
         return trace
 
     def close(self) -> None:

@@ -65,7 +65,7 @@ def _one(engine, decode: ThreadPoolExecutor, ids: list[int], method: str | None,
                 trace["t_chunks"].append(t)
                 trace["n_chunks"].append(len(item.token_ids))
             elif not isinstance(item, Chunk):
-                trace["drafts"], trace["accepted"] = item.stats.get("drafts", 0), item.stats.get("accepted", 0)
+                trace["drafts"], trace["accepted"] = item.stats.drafts, item.stats.accepted
     except Exception as exc:  # noqa: BLE001 - a failed request is a failed trace
         trace["error"] = f"{type(exc).__name__}: {exc}"
     finally:

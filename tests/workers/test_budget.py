@@ -64,5 +64,5 @@ def test_a_loaded_step_cuts_drafts_and_says_why(tiny_engine):
         tiny_engine.scheduler.curve = saved
     want = [tiny_engine.generate(Request(prompt=r.prompt, method="ar", params=r.params)) for r in requests]
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
-    assert sum(g.stats["budget_cut"] for g in got) > 0 and sum(g.stats["accepted"] for g in got) == 0
-    assert any("worth their forward cost" in g.stats["budget_reason"] for g in got)
+    assert sum(g.stats.budget_cut for g in got) > 0 and sum(g.stats.accepted for g in got) == 0
+    assert any("worth their forward cost" in g.stats.budget_reason for g in got)

@@ -59,7 +59,7 @@ def _check_same_as_ar(engine, method: str, cache: dict, may_refuse: bool = False
             f"{next(i for i, (a, b) in enumerate(zip(have.token_ids + [-1], want.token_ids + [-2])) if a != b)}: "
             f"{have.token_ids} != {want.token_ids}")
         assert (have.text, have.finish_reason) == (want.text, want.finish_reason)
-        assert have.method == method and have.stats["emitted"] == len(have.token_ids)
+        assert have.method == method and have.stats.emitted == len(have.token_ids)
 
 
 @pytest.mark.parametrize("method", ARMS)
@@ -90,11 +90,11 @@ def test_contract_is_not_vacuous(method, tiny_engine, results_cache):
     if method not in tiny_engine.available_methods():
         pytest.skip(f"arm {method!r} needs {sorted(arms()[method].requires)}, which the test engine lacks")
     results = _outputs(tiny_engine, method, results_cache)
-    drafted = sum(r.stats["drafted"] for r in results)
-    accepted = sum(r.stats["accepted"] for r in results)
+    drafted = sum(r.stats.drafted for r in results)
+    accepted = sum(r.stats.accepted for r in results)
     assert accepted > 0.1 * drafted > 0, (drafted, accepted)
     assert accepted < drafted, "no draft was ever rejected: rollback after partial acceptance went untested"
-    assert all(r.stats["fallback"] is None for r in results)
+    assert all(r.stats.fallback is None for r in results)
 
 
 def test_data_is_read_at_test_time():

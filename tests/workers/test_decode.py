@@ -228,8 +228,8 @@ def test_failing_arm_through_the_engine_records_the_fallback(tiny_engine, monkey
     want = tiny_engine.generate(Request(prompt=prompt, params=params, method="ar"))
     got = tiny_engine.generate(Request(prompt=prompt, params=params, method="flaky"))
     assert got.token_ids == want.token_ids and got.text == want.text
-    assert got.stats["fallback"] and "flaky arm broke" in got.stats["fallback"]
-    assert want.stats["fallback"] is None
+    assert got.stats.fallback and "flaky arm broke" in got.stats.fallback
+    assert want.stats.fallback is None
 
 
 # --- draft size: k nodes at most, whatever the proposer returns -----------------------------------------------
@@ -270,8 +270,8 @@ def test_an_oversized_tree_draft_near_the_context_end(tiny_engine, monkeypatch):
     want = tiny_engine.generate(Request(prompt_ids=ids, params=SamplingParams(max_tokens=48), method="ar"))
     oracle += list(ids) + want.token_ids + [0] * 20
     got = tiny_engine.generate(Request(prompt_ids=ids, params=SamplingParams(max_tokens=48), method="wide"))
-    assert got.token_ids == want.token_ids and len(got.token_ids) == 6 and got.stats["fallback"] is None
-    assert got.stats["accepted"] > 0
+    assert got.token_ids == want.token_ids and len(got.token_ids) == 6 and got.stats.fallback is None
+    assert got.stats.accepted > 0
 
 
 def test_draft_head_keeps_a_valid_prefix():

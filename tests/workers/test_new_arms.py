@@ -99,7 +99,7 @@ def test_every_arm_teaches_the_shared_table_once_at_request_end(tiny_pair, metho
         for n in range(1, 5):
             assert full[j] in table.following(full[j - n: j]), (j, n)
     ngram = engine.generate(Request(prompt="x = [1, 2, 3]\ny =", params=params, method="ngram_store"))
-    assert ngram.token_ids == out and ngram.stats["accepted"] >= 12   # the next request drafts from it
+    assert ngram.token_ids == out and ngram.stats.accepted >= 12   # the next request drafts from it
 
 
 def test_learning_can_be_switched_off_for_benchmarks(tiny_pair):
@@ -216,7 +216,7 @@ def test_early_exit_never_touches_the_shared_model(tiny_pair):
     params = SamplingParams(max_tokens=20, ignore_eos=True)
     ar = engine.generate(Request(prompt="def f(x):", params=params, method="ar"))
     ee = engine.generate(Request(prompt="def f(x):", params=params, method="early_exit"))
-    assert ee.token_ids == ar.token_ids and ee.stats["fallback"] is None and ee.stats["drafted"] > 0
+    assert ee.token_ids == ar.token_ids and ee.stats.fallback is None and ee.stats.drafted > 0
     assert torch.equal(probe(), before) and (model.num_layers, model.vocab_size, model.max_context) == shape
 
 

@@ -53,8 +53,8 @@ def test_greedy_equals_ar_and_drafts_come_from_a_pinned_drafter_process(tiny_eng
     for prompt in PROMPTS:
         want, have = _generate(tiny_engine, "ar", prompt), _generate(tiny_engine, "pearl", prompt)
         assert have.token_ids == want.token_ids and have.text == want.text
-        assert have.stats["fallback"] is None
-        drafted += have.stats["drafted"]
+        assert have.stats.fallback is None
+        drafted += have.stats.drafted
     assert drafted > 0
     (drafter,) = _pool(tiny_engine).drafters
     assert drafter.pid != os.getpid() and drafter.alive()
@@ -127,9 +127,9 @@ def test_drafter_killed_mid_request_falls_back_to_ar_and_restarts(tiny_engine):
         else:
             result = item
     assert out == result.token_ids == want.token_ids
-    assert "died" in result.stats["fallback"]
+    assert "died" in result.stats.fallback
     after = _generate(tiny_engine, "pearl", prompt)        # a fresh drafter serves the next request
-    assert after.token_ids == want.token_ids and after.stats["fallback"] is None and after.stats["drafted"] > 0
+    assert after.token_ids == want.token_ids and after.stats.fallback is None and after.stats.drafted > 0
     (fresh,) = pool.drafters
     assert fresh.pid != victim.pid and victim.proc.poll() == -signal.SIGKILL
 
@@ -148,7 +148,7 @@ def test_abandoned_request_gives_its_drafter_back(tiny_engine):
         time.sleep(0.01)
     assert not drafter.leased and drafter.ch.ctl[M_RUN] == 0
     result = _generate(tiny_engine, "pearl", PROMPTS[1])
-    assert result.stats["fallback"] is None and pool.drafters == [drafter]
+    assert result.stats.fallback is None and pool.drafters == [drafter]
 
 
 def test_concurrent_requests_never_fail_and_stay_exact(tiny_engine):
@@ -159,7 +159,7 @@ def test_concurrent_requests_never_fail_and_stay_exact(tiny_engine):
     want = [tiny_engine.generate(Request(prompt=r.prompt, params=r.params, method="ar")).token_ids for r in requests]
     results = tiny_engine.generate_many(requests)
     assert [r.token_ids for r in results] == want
-    fallbacks = [(r.stats["fallback"] or "") for r in results]
+    fallbacks = [(r.stats.fallback or "") for r in results]
     # the second request finds the drafter busy, unless the machine stalled the first past preempt_idle_s
     assert "another request" in fallbacks[1] or "taken back" in fallbacks[0], fallbacks
 

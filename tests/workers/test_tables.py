@@ -327,7 +327,7 @@ def test_redis_killed_mid_request_loses_nothing(server, tiny_pair):
                     tables.syncer.request()
                 if isinstance(item, Result):
                     got[prompt] = item
-        assert [got[p].token_ids for p in PROMPTS] == want and all(r.stats["fallback"] is None for r in got.values())
+        assert [got[p].token_ids for p in PROMPTS] == want and all(r.stats.fallback is None for r in got.values())
         assert tables.stats()["redis"]["errors"] >= 1 and not tables.stats()["redis"]["connected"]
         server.start()                                # back, empty: the worker re-seeds it from its local copy
         assert tables.flush()
@@ -345,7 +345,7 @@ def _serve(target: str, url: str, fp: str, prompts: list[str], method: str, out)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     results = [engine.generate(Request(prompt=p, params=params, method=method)) for p in prompts]
     tables.close()
-    out.put([(r.stats["drafted"], r.stats["accepted"], r.stats["steps"]) for r in results])
+    out.put([(r.stats.drafted, r.stats.accepted, r.stats.steps) for r in results])
 
 
 def _run_worker(*args) -> list[tuple[int, int, int]]:

@@ -101,3 +101,21 @@ def test_concurrent_requests_interleave_and_match_sequential_output(worker):
         return await asyncio.gather(*(worker.generate(_request(prompt=p), f"c{i}") for i, p in enumerate(prompts)))
 
     assert [r.token_ids for r in asyncio.run(together())] == alone
+
+
+def test_a_prompt_sent_with_ids_is_not_tokenised_again(worker, monkeypatch):
+    """The router sends text and ids: the worker decodes the ids and never tokenises the text (counted)."""
+    text = "def add(a, b):"
+    ids = tuple(worker.engine.tokenizer.encode(text, add_special_tokens=False))
+    by_text = asyncio.run(worker.generate(_request(prompt=text)))
+    tokenised = worker.stats().tokenised
+    assert tokenised >= 1                                       # text alone: the worker tokenised it
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the worker tokenised a prompt it was given ids for")
+
+    monkeypatch.setattr(worker.engine.tokenizer, "encode", refuse)
+    sent = Request(prompt=text, prompt_ids=ids, params=SamplingParams(max_tokens=24, ignore_eos=True), method="sps")
+    by_ids = asyncio.run(worker.generate(sent))
+    assert by_ids.token_ids == by_text.token_ids and by_ids.prompt_tokens == len(ids)
+    assert worker.stats().tokenised == tokenised
