@@ -17,6 +17,8 @@ from pathlib import Path
 DEFAULT_CLUSTER_YAML = Path(__file__).resolve().parent / "aws.yaml"
 DEFAULT_SERVE_YAML = Path(__file__).resolve().parent / "serve.yaml"
 TOKEN_FILE = Path("~/.ray/auth_token")   # Ray's default token path; aws.yaml copies it to every node
+SECRETS_DIR = Path("~/.metaspec/secrets")   # redis_password, server.crt, server.key; aws.yaml copies them too
+TLS_NAME = "metaspec"                    # the name a generated self-signed certificate is for (--tls-server-name)
 REMOTE_SERVE_YAML = "~/metaspec-serve.yaml"
 ACTIONS = ("up", "down", "status", "deploy")
 
@@ -39,13 +41,14 @@ class Command:
         return shlex.join(self.argv) + (" > /dev/null" if self.quiet else "")
 
 
-def commands(action: str, args: ClusterArgs, token_file: Path = TOKEN_FILE) -> list[Command]:
+def commands(action: str, args: ClusterArgs, token_file: Path = TOKEN_FILE,
+             secrets_dir: Path = SECRETS_DIR) -> list[Command]:
     """The commands one action runs, in order."""
     yes = ("--yes",) if args.yes else ()
     y = args.cluster_yaml
     if action == "up":
         token = [] if token_file.expanduser().exists() else [Command(("ray", "get-auth-token", "--generate"), True)]
-        return token + [Command(("ray", "up", y, *yes))]
+        return token + secret_commands(secrets_dir.expanduser()) + [Command(("ray", "up", y, *yes))]
     if action == "down":
         return [Command(("ray", "down", y, *yes))]
     if action == "status":
@@ -56,6 +59,23 @@ def commands(action: str, args: ClusterArgs, token_file: Path = TOKEN_FILE) -> l
         return [Command(("ray", "rsync-up", y, args.serve_yaml, REMOTE_SERVE_YAML)),
                 Command(("ray", "exec", y, f"serve deploy {REMOTE_SERVE_YAML}"))]
     raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
+
+
+def secret_commands(root: Path) -> list[Command]:
+    """What creates the secrets aws.yaml mounts, for those missing, in a directory only the user can enter: the
+    tables' Redis password and a self-signed TLS certificate for the name TLS_NAME (put your own server.crt and
+    server.key there to use a real one). Nothing is printed."""
+    password, crt, key = root / "redis_password", root / "server.crt", root / "server.key"
+    out = [] if root.is_dir() else [Command(("mkdir", "-p", "-m", "700", str(root)))]
+    if not password.exists():
+        out += [Command(("openssl", "rand", "-out", str(password), "-hex", "32"), True),
+                Command(("chmod", "600", str(password)))]
+    if not (crt.exists() and key.exists()):
+        out += [Command(("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                         "-nodes", "-days", "365", "-subj", f"/CN={TLS_NAME}", "-addext",
+                         f"subjectAltName=DNS:{TLS_NAME}", "-keyout", str(key), "-out", str(crt)), True),
+                Command(("chmod", "600", str(key)))]
+    return out
 
 
 def checkout_problem(cluster_yaml: str, cwd: Path) -> str | None:

@@ -13,6 +13,7 @@ The YAML (deploy/metaspec.yaml) is a Ray Serve config file; its application's `a
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,10 +140,36 @@ class TablesModel(BaseModel):
     redis_password: SecretStr | None = None
     redis_tls: bool = False
     redis_tls_ca_file: str | None = None
+    # Names of environment variables holding the URL / the password (AUTH), read where the app is built (Serve's
+    # build task, on a cluster node: cluster/aws.yaml sets both on every node), so no secret is in the YAML.
+    redis_url_env: str | None = Field(default=None, min_length=1)
+    redis_password_env: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TablesModel":
+        for name in ("redis_url", "redis_password"):
+            if getattr(self, name) is not None and getattr(self, f"{name}_env") is not None:
+                raise ValueError(f"give {name} or {name}_env, not both")
+        return self
 
     def to_spec(self) -> TablesSpec:
         secret = self.redis_password.get_secret_value() if self.redis_password is not None else None
-        return TablesSpec(**(self.model_dump(exclude={"redis_password"}) | {"redis_password": secret}))
+        url = self.redis_url
+        if self.redis_password_env:
+            secret = _required_env(self.redis_password_env, "redis_password_env")
+        if self.redis_url_env:
+            url = _required_env(self.redis_url_env, "redis_url_env")
+            if not url.startswith(("redis://", "rediss://")):
+                raise ValueError(f"${self.redis_url_env} (redis_url_env) must be a redis:// or rediss:// URL")
+        fields = self.model_dump(exclude={"redis_password", "redis_url", "redis_url_env", "redis_password_env"})
+        return TablesSpec(**(fields | {"redis_url": url, "redis_password": secret}))
+
+
+def _required_env(name: str, field_name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise ValueError(f"{field_name}: environment variable {name} is not set (or empty) where the app is built")
+    return value
 
 
 class DrafterPlacementModel(BaseModel):

@@ -383,6 +383,8 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
                    "system's roots)")
     p.add_argument("--ca-cert", default=None, metavar="FILE", help="PEM CA certificate(s) to verify the server by "
                    "(implies --tls)")
+    p.add_argument("--tls-server-name", default=None, metavar="NAME", help="the name the server's certificate is "
+                   "for, when --server is an IP (the cluster's self-signed one: metaspec)")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds for --server")
 
 
@@ -416,7 +418,8 @@ def _generate_remote(args, constraint=None) -> int:
     except (ValueError, OSError) as exc:
         return _generate_error(args, exc)
     try:
-        with Client(args.server, api_key=key, timeout_s=args.timeout, tls=args.tls, ca_cert=ca) as client:
+        with Client(args.server, api_key=key, timeout_s=args.timeout, tls=args.tls, ca_cert=ca,
+                    server_name=args.tls_server_name) as client:
             for reply in client.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                                        top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed,
                                        method=args.method or "", constraint=constraint):

@@ -35,13 +35,16 @@ class ServiceError(Exception):
 class Client:
     """`application` names the Serve application when one Ray Serve instance runs several (Serve's gRPC proxy
     routes on the `application` metadata key); None = the only one. `tls=True` (or a `ca_cert`) speaks TLS and
-    verifies the server's certificate against `ca_cert` (PEM bytes) or, without one, the system's roots."""
+    verifies the server's certificate against `ca_cert` (PEM bytes) or, without one, the system's roots, for the
+    name in `address` or `server_name`."""
 
     def __init__(self, address: str, api_key: str | None = None, timeout_s: float | None = None,
                  max_message_bytes: int = 64 << 20, application: str | None = None, tls: bool = False,
-                 ca_cert: bytes | None = None) -> None:
+                 ca_cert: bytes | None = None, server_name: str | None = None) -> None:
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
+        if server_name:                  # the name the certificate is for, when `address` is an IP or other name
+            options.append(("grpc.ssl_target_name_override", server_name))
         if tls or ca_cert is not None:   # ca_cert: PEM roots to verify the server by; None = the system's
             credentials = grpc.ssl_channel_credentials(root_certificates=ca_cert)
             self.channel = grpc.secure_channel(address, credentials, options=options)

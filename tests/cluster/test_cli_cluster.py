@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from metaspec.cli import main
-from metaspec.cluster.launch import ClusterArgs, commands
+from metaspec.cluster.launch import TLS_NAME, ClusterArgs, commands, secret_commands
 
 REPO = Path(__file__).resolve().parents[2]
 AWS = str(REPO / "cluster" / "aws.yaml")
@@ -30,10 +32,53 @@ def test_up_runs_ray_up_on_the_yaml(capsys, in_checkout):
 
 
 def test_up_first_creates_the_auth_token_when_there_is_none(tmp_path):
-    missing = [c.line() for c in commands("up", ClusterArgs(AWS), token_file=tmp_path / "auth_token")]
-    assert missing == ["ray get-auth-token --generate > /dev/null", f"ray up {AWS}"]   # the token is not printed
+    secrets = tmp_path / "secrets"
+    subprocess.run([c.argv for c in secret_commands(secrets)][0], check=True)   # mkdir
+    for c in secret_commands(secrets):
+        subprocess.run(c.argv, check=True, capture_output=True)
+
+    def up() -> list[str]:
+        return [c.line() for c in commands("up", ClusterArgs(AWS), token_file=tmp_path / "auth_token",
+                                           secrets_dir=secrets)]
+
+    assert up() == ["ray get-auth-token --generate > /dev/null", f"ray up {AWS}"]   # the token is not printed
     (tmp_path / "auth_token").write_text("x")
-    assert [c.line() for c in commands("up", ClusterArgs(AWS), token_file=tmp_path / "auth_token")] == [f"ray up {AWS}"]
+    assert up() == [f"ray up {AWS}"]
+
+
+def test_up_creates_the_missing_secrets_readable_by_the_user_only_and_prints_none(tmp_path):
+    """The Redis password and a self-signed certificate (for the name `metaspec`) that the gRPC ingress serves
+    and a client verifies with --ca-cert and --tls-server-name metaspec."""
+    import grpc
+
+    from metaspec.deploy.ingress import IngressSpec, binder
+
+    root = tmp_path / "secrets"
+    made = secret_commands(root)
+    assert [c.argv[0] for c in made] == ["mkdir", "openssl", "chmod", "openssl", "chmod"]
+    for c in made:
+        out = subprocess.run(c.argv, check=True, capture_output=True, text=True)
+        assert not (c.quiet and out.stdout)
+    password = (root / "redis_password").read_text().strip()
+    assert len(password) == 64 and all(line.argv[-1] != password for line in made)
+    assert root.stat().st_mode & 0o077 == 0
+    for f in (root / "redis_password", root / "server.key"):
+        assert f.stat().st_mode & 0o077 == 0, f
+    assert secret_commands(root) == []                      # nothing is replaced once there
+
+    crt, key = root / "server.crt", root / "server.key"
+    server = grpc.server(ThreadPoolExecutor(1))
+    port = binder(IngressSpec("127.0.0.1", str(crt), str(key)))(server, "[::]:0")
+    server.start()
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=crt.read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{port}", creds,
+                                 options=[("grpc.ssl_target_name_override", TLS_NAME)]) as channel:
+            grpc.channel_ready_future(channel).result(timeout=20)
+        with grpc.secure_channel(f"127.0.0.1:{port}", creds) as channel, pytest.raises(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(channel).result(timeout=3)    # 127.0.0.1 is not the certificate's name
+    finally:
+        server.stop(0)
 
 
 def test_up_outside_the_checkout_is_refused(capsys, tmp_path, monkeypatch):

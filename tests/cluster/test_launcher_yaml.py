@@ -82,7 +82,14 @@ def test_every_gpu_profile_names_a_node_type_that_offers_it():
             assert accelerators(t) == [p.accelerator] and t["resources"]["GPU"] >= p.gpus_per_replica, p.name
 
 
-def test_the_cluster_serve_config_fits_the_launcher_s_nodes():
+@pytest.fixture
+def node_env(monkeypatch):
+    """What aws.yaml's start commands export on every node for cluster/serve.yaml."""
+    monkeypatch.setenv("METASPEC_REDIS_URL", "redis://10.0.0.5:6380/0")
+    monkeypatch.setenv("METASPEC_REDIS_PASSWORD", "s3cret")
+
+
+def test_the_cluster_serve_config_fits_the_launcher_s_nodes(node_env):
     """Every pool of cluster/serve.yaml (all its bundles, together) fits on one node type of aws.yaml."""
     from ray.serve.schema import ServeDeploySchema
 
@@ -108,3 +115,86 @@ def test_the_cluster_keeps_token_auth_and_the_dashboard_off_public_interfaces():
     assert "RAY_AUTH_MODE=token" in head and "RAY_AUTH_MODE=token" in workers
     assert "--dashboard-host=0.0.0.0" not in head and "--dashboard-host=127.0.0.1" in head
     assert "~/.ray/auth_token" in data["file_mounts"]
+
+
+def _commands(data: dict, key: str) -> str:
+    return "\n".join(data[key])
+
+
+def test_no_dashboard_or_secret_on_a_command_line_and_every_secret_comes_from_the_mounted_files():
+    data = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    every = "\n".join(c for k in ("setup_commands", "head_setup_commands", "head_start_ray_commands",
+                                   "worker_start_ray_commands") for c in data[k])
+    assert "0.0.0.0:8265" not in every and "--include-dashboard=true" not in every
+    assert "--requirepass" not in every and "redis-cli -a" not in every    # no password in any argv
+    secrets = "~/.metaspec/secrets"
+    assert data["file_mounts"][secrets] == secrets
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = _commands(data, key)
+        assert f'METASPEC_REDIS_PASSWORD="$(cat {secrets}/redis_password)"' in start, key
+        assert "METASPEC_REDIS_URL=" in start and "RAY_AUTH_MODE=token ray start" in start, key
+
+
+def test_the_tables_redis_on_the_head_requires_the_password(tmp_path):
+    """The head's own Redis lines of aws.yaml, run here (HOME = a temp dir holding the secret, another port):
+    a client without the password is refused, one with it is served."""
+    import shutil
+    import socket
+    import subprocess
+
+    import redis
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("no redis-server on this machine")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    lines = [c for c in data["head_start_ray_commands"] if "redis" in c and "ray start" not in c]
+    assert any("requirepass" in c and c.rstrip().endswith("| redis-server -") for c in lines)
+    (tmp_path / ".metaspec" / "secrets").mkdir(parents=True)
+    (tmp_path / ".metaspec" / "secrets" / "redis_password").write_text("pw-from-the-file\n")
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin:/usr/local/bin"}
+    for line in lines:
+        line = line.replace("6380", str(port)).replace("bind 0.0.0.0", "bind 127.0.0.1")
+        subprocess.run(["bash", "-c", line], env=env, check=True, timeout=30, cwd=tmp_path)
+    try:
+        anonymous = redis.Redis(port=port, socket_timeout=5)
+        for _ in range(50):
+            try:
+                anonymous.ping()
+            except redis.AuthenticationError:
+                break
+            except redis.ConnectionError:
+                import time
+                time.sleep(0.1)
+        else:
+            pytest.fail("Redis answered without the password")
+        with pytest.raises(redis.AuthenticationError):
+            anonymous.set("x", "1")
+        assert redis.Redis(port=port, password="pw-from-the-file", socket_timeout=5).ping()
+    finally:
+        redis.Redis(port=port, password="pw-from-the-file").shutdown(nosave=True)
+
+
+def test_the_cluster_service_reads_the_redis_url_and_password_from_each_node_s_environment(node_env, monkeypatch):
+    text = (CLUSTER / "serve.yaml").read_text()
+    assert "redis_password:" not in text
+    cfg, opts = load_serve_file(CLUSTER / "serve.yaml")
+    for pool in cfg.pools:
+        assert pool.tables.redis_url == "redis://10.0.0.5:6380/0" and pool.tables.redis_password == "s3cret"
+        assert "s3cret" not in repr(pool)
+    monkeypatch.delenv("METASPEC_REDIS_PASSWORD")
+    with pytest.raises(ValueError, match="METASPEC_REDIS_PASSWORD"):
+        load_serve_file(CLUSTER / "serve.yaml")
+
+
+def test_the_cluster_serves_grpc_and_http_with_tls_from_the_mounted_certificate(node_env):
+    data = yaml.safe_load((CLUSTER / "serve.yaml").read_text())
+    _, opts = load_serve_file(CLUSTER / "serve.yaml")
+    secrets = "/home/ray/.metaspec/secrets/"      # ~/.metaspec/secrets of aws.yaml's file_mounts, in the container
+    assert opts.ingress.tls and opts.ingress.tls_cert_file == secrets + "server.crt"
+    assert opts.ingress.tls_key_file == secrets + "server.key" and opts.ingress.host == "0.0.0.0"
+    assert data["http_options"]["ssl_certfile"] == secrets + "server.crt"
+    assert data["http_options"]["ssl_keyfile"] == secrets + "server.key"
+    assert opts.serve_env()["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == "metaspec.deploy.ingress.configure_ingress"

@@ -162,3 +162,19 @@ def test_shipped_yamls_let_the_batch_fill(path):
         spec = PoolModel.model_validate(pool)
         ongoing = spec.max_ongoing_requests or spec.max_batch + BATCH_HEADROOM
         assert ongoing >= spec.max_batch, pool["name"]
+
+
+def test_the_tables_redis_url_and_password_can_come_from_the_environment(monkeypatch):
+    tables = {"redis_url_env": "TABLES_URL", "redis_password_env": "TABLES_PASSWORD"}
+    monkeypatch.setenv("TABLES_URL", "redis://10.1.2.3:6380/0")
+    monkeypatch.setenv("TABLES_PASSWORD", "pw")
+    spec = load_app_config({"pools": [{"name": "a", "tables": tables}]}).pools[0].tables
+    assert (spec.redis_url, spec.redis_password) == ("redis://10.1.2.3:6380/0", "pw") and "pw" not in repr(spec)
+    monkeypatch.setenv("TABLES_URL", "http://nope")
+    with pytest.raises(ValueError, match="redis://"):
+        load_app_config({"pools": [{"name": "a", "tables": tables}]})
+    monkeypatch.delenv("TABLES_PASSWORD")
+    with pytest.raises(ValueError, match="TABLES_PASSWORD is not set"):
+        load_app_config({"pools": [{"name": "a", "tables": {"redis_password_env": "TABLES_PASSWORD"}}]})
+    with pytest.raises(ValueError, match="not both"):
+        load_app_config({"pools": [{"name": "a", "tables": {"redis_password": "x", "redis_password_env": "P"}}]})
