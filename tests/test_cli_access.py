@@ -34,3 +34,16 @@ def test_a_missing_key_file_or_ca_file_is_a_clear_error(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert main(["generate", "--server", "127.0.0.1:1", "--ca-cert", str(tmp_path / "ca.pem"), "x"]) == 2
     assert "ca.pem" in capsys.readouterr().err
+
+
+def test_serve_binds_the_config_s_interface_and_host_opts_in_to_another(monkeypatch):
+    """`metaspec serve`: loopback from the shipped config; --host moves gRPC and HTTP together."""
+    import metaspec.deploy.app as app
+
+    seen = []
+    monkeypatch.setattr(app, "serve_until_interrupted", lambda cfg, opts, **kw: seen.append(opts))
+    assert main(["serve"]) == 0
+    assert main(["serve", "--host", "0.0.0.0"]) == 0
+    assert (seen[0].ingress.host, seen[0].http_host) == ("127.0.0.1", "127.0.0.1")
+    assert (seen[1].ingress.host, seen[1].http_host) == ("0.0.0.0", "0.0.0.0")
+    assert seen[1].serve_env()["METASPEC_GRPC_HOST"] == "0.0.0.0"
