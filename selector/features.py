@@ -41,7 +41,9 @@ class RequestInput:
 
 
 def request_input(request, tokenizer=None, has_constraint: bool | None = None) -> RequestInput:
-    """A RequestInput from a `workers.engine.Request`-like object (prompt or prompt_ids, params).
+    """A RequestInput from a `workers.request.Request`-like object (prompt and/or prompt_ids, params): the one
+    conversion from the engine's request to the selector's input. The router tokenises a text prompt before it
+    gets here (deploy/tokens.py): both are set, and nothing is tokenised again.
 
     With a tokenizer (the pools' shared one), text and ids are both exact. Without one, a text-only prompt gets
     word-level pseudo ids (crc32 of each whitespace-separated word): an approximation of the token ids the

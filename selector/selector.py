@@ -67,7 +67,8 @@ class _Base:
         return Choice(pool.name, method, "explore", scores, True, _features(request, pool), self.version)
 
     def choose(self, request, pools: Sequence[PoolInfo]) -> Choice:
-        """`request` is a RequestInput, or a `workers.engine.Request` (converted with `self.tokenizer`)."""
+        """`request` is a RequestInput, or a `workers.request.Request` (converted by `request_input`, with
+        `self.tokenizer` only where the router sent no ids)."""
         if not pools:
             raise ValueError("no pool to choose from")
         if not isinstance(request, RequestInput):

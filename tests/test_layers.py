@@ -11,10 +11,12 @@ import sys
 ROUTER_SIDE = ("metaspec.protocol.convert", "metaspec.protocol.client", "metaspec.protocol.types",
                "metaspec.deploy.router", "metaspec.deploy.openai_http", "metaspec.deploy.openai_protocol",
                "metaspec.deploy.access", "metaspec.deploy.policy", "metaspec.deploy.tokens",
-               "metaspec.selector.rules", "metaspec.selector.live", "metaspec.selector.features")
-# The only worker modules the router side may import: torch-free types and the outcome log.
+               "metaspec.selector.rules", "metaspec.selector.live", "metaspec.selector.features",
+               "metaspec.workers.store", "metaspec.workers.store.sync")   # the router's n-gram mirror (policy.py)
+# The only worker modules the router side may import: torch-free types, the outcome log, the shared tables.
 WORKER_MODULES_ALLOWED = {"metaspec.workers", "metaspec.workers.errors", "metaspec.workers.request",
-                          "metaspec.workers.outcome_log", "metaspec.workers.outcome_files"}
+                          "metaspec.workers.outcome_log", "metaspec.workers.outcome_files", "metaspec.workers.store",
+                          *(f"metaspec.workers.store.{m}" for m in ("adjacency", "counters", "keys", "ngram", "sync"))}
 
 PROBE = """
 import json, sys

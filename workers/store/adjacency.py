@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:   # the router's n-gram mirror imports this package: no torch there
+    import torch
 
 from .counters import lookup_rates, record_lookup
 from .keys import Keys, StoreConfig, pack, unpack
