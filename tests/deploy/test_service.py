@@ -185,6 +185,25 @@ def test_stream_deltas_add_up_to_the_unary_answer(client):
     assert {m.request_id for m in messages} == {"stream-1"}
 
 
+def test_the_prompt_is_tokenised_once_by_the_router(client, service, tiny_pair):
+    """The router tokenises a text prompt and forwards the ids: no worker tokenises it again, and the answer is the
+    one the same prompt sent as ids gets. The outcome still identifies the prompt by its text."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    text = "def add(a, b):"
+    ids = AutoTokenizer.from_pretrained(tiny_pair.target).encode(text, add_special_tokens=False)
+    before = {p: worker_stats(p).tokenised for p in ("a", "b")}
+    by_text = client.generate(text, max_tokens=16, method="pld", ignore_eos=True, request_id="once-text")
+    streamed = list(client.stream(text, max_tokens=16, method="ar", ignore_eos=True))
+    by_ids = client.generate(ids, max_tokens=16, method="pld", ignore_eos=True)
+    assert by_text.token_ids == by_ids.token_ids and by_text.prompt_tokens == by_ids.prompt_tokens == len(ids)
+    assert streamed[-1].prompt_tokens == len(ids)
+    assert {p: worker_stats(p).tokenised for p in ("a", "b")} == before, "a worker tokenised a prompt again"
+    assert logged(service)["once-text"].prompt_id == hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 @pytest.mark.parametrize("method", ["sps", "pld"])
 def test_constrained_output_matches_its_regex(client, service, method):
     pattern = "[0-9]{3}-[a-z]{2}"
