@@ -28,21 +28,20 @@ class ArmSpec:
     description: str = ""                     # the registry's one line (ListMethods, GET /v1/models)
 
 
-# What the rules add to the registry's requirements: where an arm should run, which no worker resource says.
-# (The worker can run PEARL's drafter on a core of its own device; the router sends it only where one is idle.)
-PLACEMENT_REQUIRES: dict[str, frozenset[str]] = {"pearl": frozenset({"second_device"})}
 ALWAYS_ALLOWED = "ar"
 
 
-def arm_specs(registered: Mapping[str, tuple[str, Iterable[str]]]) -> dict[str, ArmSpec]:
-    """The rules' table from `name -> (description, requires)`, the shape of `workers.worker.registered_methods()`.
-    Pure and torch-free: the router gets this table as data (deploy/app.py reads the registry when it builds).
+def arm_specs(registered: Mapping[str, tuple[str, Iterable[str], Iterable[str]]]) -> dict[str, ArmSpec]:
+    """The rules' table from `name -> (description, requires, placement)`, the shape of
+    `workers.worker.registered_methods()`: an arm's requirements are its worker resources plus where the router
+    must send it (the registry's `placement`, e.g. PEARL's "second_device"). Pure and torch-free: the router gets
+    this table as data (deploy/app.py reads the registry when it builds).
 
-    >>> arm_specs({"sps": ("draft-model speculation", ("drafter",))})["sps"].requires
-    frozenset({'drafter'})
+    >>> arm_specs({"pearl": ("parallel drafting", ("drafter",), ("second_device",))})["pearl"].requires
+    frozenset({'drafter', 'second_device'})
     """
-    return {name: ArmSpec(frozenset(requires) | PLACEMENT_REQUIRES.get(name, frozenset()), description=description)
-            for name, (description, requires) in registered.items()}
+    return {name: ArmSpec(frozenset(requires) | frozenset(placement), description=description)
+            for name, (description, requires, placement) in registered.items()}
 
 
 @functools.cache
@@ -50,7 +49,7 @@ def specs_from_registry() -> dict[str, ArmSpec]:
     """The arm table read from the workers' registry (imports torch: the app builder and offline tools only)."""
     from metaspec.workers.registry import arms
 
-    return arm_specs({name: (arm.description, arm.requires) for name, arm in arms().items()})
+    return arm_specs({name: (arm.description, arm.requires, arm.placement) for name, arm in arms().items()})
 
 
 class _RegistryArms(Mapping[str, ArmSpec]):

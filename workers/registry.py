@@ -31,18 +31,22 @@ class Arm:
     factory: Callable[[ArmContext], Proposer]      # builds a per-request proposer
     requires: frozenset[str]                       # resources the arm cannot run without ("drafter", ...)
     description: str                               # one line for ListMethods / --help
+    placement: frozenset[str] = frozenset()        # what the router must find on a pool to send it there, which
+                                                   # no worker resource says ("second_device": an idle one)
 
 
 _ARMS: dict[str, Arm] = {}
 
 
-def register(name: str, requires: tuple[str, ...] = (), description: str = ""):
-    """Decorator: `@register("pld")` over a factory `(ArmContext) -> Proposer`."""
+def register(name: str, requires: tuple[str, ...] = (), description: str = "", placement: tuple[str, ...] = ()):
+    """Decorator: `@register("pld")` over a factory `(ArmContext) -> Proposer`. The registry is the one table of
+    arms: the selector's rules read `requires` and `placement` from it (selector/rules.specs_from_registry)."""
 
     def wrap(factory: Callable[[ArmContext], Proposer]):
         if name in _ARMS:
             raise ValueError(f"arm {name!r} registered twice")
-        _ARMS[name] = Arm(name, factory, frozenset(requires), description or (factory.__doc__ or "").strip())
+        _ARMS[name] = Arm(name, factory, frozenset(requires), description or (factory.__doc__ or "").strip(),
+                          frozenset(placement))
         return factory
 
     return wrap

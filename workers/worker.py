@@ -182,6 +182,7 @@ def _placed(pearl: PearlConfig, bundle: int | None) -> PearlConfig:
     return replace(pearl, drafter_visible_devices=drafter_visible_devices(bundle))
 
 
-def registered_methods() -> dict[str, tuple[str, tuple[str, ...]]]:
-    """Every registered arm: name -> (description, required resources)."""
-    return {name: (arm.description, tuple(sorted(arm.requires))) for name, arm in sorted(arms().items())}
+def registered_methods() -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """Every registered arm: name -> (description, required resources, placement needs)."""
+    return {name: (arm.description, tuple(sorted(arm.requires)), tuple(sorted(arm.placement)))
+            for name, arm in sorted(arms().items())}

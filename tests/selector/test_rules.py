@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from metaspec.selector.rules import (DEFAULT_ARMS, PLACEMENT_REQUIRES, ArmSpec, allowed, arm_specs, candidates,
-                                     specs_from_registry)
+from metaspec.selector.rules import DEFAULT_ARMS, ArmSpec, allowed, arm_specs, candidates, specs_from_registry
 from metaspec.selector.types import PoolInfo
 
 FULL = PoolInfo("gpu", ("ar", "sps", "pld", "pearl"), {"devices": 2, "resources": "drafter,ngram_store"})
@@ -54,14 +53,15 @@ def test_candidates_always_include_ar_on_every_pool():
 
 def test_the_rules_table_is_the_registry():
     """Fails when the rules' view of an arm would disagree with the workers' registry: same arms, same
-    requirements (plus only the placement needs the rules add), same descriptions."""
+    requirements (the worker resources and placement needs the registry declares, nothing added), same
+    descriptions."""
     from metaspec.workers.registry import arms
 
     registry, table = arms(), specs_from_registry()
     assert set(table) == set(registry) == set(DEFAULT_ARMS) and {"ar", "sps", "pld", "pearl"} <= set(table)
-    assert set(PLACEMENT_REQUIRES) <= set(registry)
     for name, arm in registry.items():
-        assert table[name].requires == arm.requires | PLACEMENT_REQUIRES.get(name, frozenset()), name
+        assert table[name].requires == arm.requires | arm.placement, name
+        assert not arm.placement & arm.requires, f"{name}: a placement need is not a worker resource"
         assert DEFAULT_ARMS[name] == table[name] and table[name].description == arm.description, name
     assert "drafter" in table["sps"].requires and "second_device" in table["pearl"].requires
 
