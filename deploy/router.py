@@ -342,7 +342,10 @@ class Router:
             raise Status(grpc.StatusCode.UNAVAILABLE, f"every pool that runs {m} is down; retry later")
         pools = [PoolInfo(n, i.methods, dict(self.pools[n].hardware), self._load(n), self._batch(n))
                  for n, i in serving.items()]
-        choice = pick(self.policy, call.request, pools, self.arms)
+        if self.live is not None and self.policy is self.live:   # its features read (and may decode) the prompt
+            choice = await self.tokens.off_loop(pick, self.policy, call.request, pools, self.arms)
+        else:
+            choice = pick(self.policy, call.request, pools, self.arms)
         self.metrics.chosen(choice)
         return call, choice, call.request_id or uuid.uuid4().hex
 

@@ -2,7 +2,8 @@
 
 The selector's features read those ids (no second tokenisation in the selector), and a worker given ids never
 tokenises the text again (`Engine.encode`). Ids go only to pools whose tokenizer is the router's; a pool with
-another tokenizer gets the text alone and tokenises it itself.
+another tokenizer gets the text alone and tokenises it itself. The learnt selector runs on the same thread
+(`off_loop`): its features read the whole prompt, and decode an ids-only one for its text.
 
 >>> tokens = PromptTokens("metaspec/checkpoints/target")
 >>> request = await tokens.tokenised(Request(prompt="def f(x):"))      # prompt and prompt_ids both set
@@ -15,10 +16,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from metaspec.workers.request import Request
+
+T = TypeVar("T")
 
 
 class PromptTokens:
@@ -51,8 +55,11 @@ class PromptTokens:
         """`request` with `prompt_ids` set from its text (as is when it already has ids)."""
         if request.prompt_ids is not None or request.prompt is None:
             return request
-        ids = await asyncio.get_running_loop().run_in_executor(self._thread, self.encode, request.prompt)
-        return dataclasses.replace(request, prompt_ids=ids)
+        return dataclasses.replace(request, prompt_ids=await self.off_loop(self.encode, request.prompt))
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the tokenizer's thread (the learnt selector's features decode ids-only prompts there)."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def for_pool(self, request: Request, pool_tokenizer: str) -> Request:
         """What a pool is sent: the ids too when it tokenises like the router, else the text alone."""

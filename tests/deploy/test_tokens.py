@@ -26,6 +26,7 @@ def test_the_router_tokenises_off_its_event_loop_like_the_engine(tiny_pair):
     async def run() -> tuple[Request, Request, str]:
         text = await tokens.tokenised(Request(prompt="def add(a, b):"))
         ids = await tokens.tokenised(Request(prompt_ids=(5, 6)))
+        assert (await tokens.off_loop(lambda: threading.current_thread().name)).startswith("router-tokenize")
         return text, ids, threading.current_thread().name
 
     got, untouched, loop_thread = asyncio.run(run())
