@@ -538,6 +538,13 @@ def _add_cluster_commands(sub) -> None:
     p.set_defaults(func=_cluster)
 
 
+def _soak(args) -> int:
+    from metaspec.bench.soak import main
+
+    return main(args.minutes, args.concurrency, args.hostile_per_s, args.config, args.out, args.replicas,
+                tuple(m for m in args.skip_methods.split(",") if m))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metaspec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -559,6 +566,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selector_commands(sub)
     _add_serving_commands(sub)
     _add_cluster_commands(sub)
+    p = sub.add_parser("soak", help="bounded soak on loopback: mixed + hostile load, Redis restarted, a worker "
+                                    "replica killed; checks, soak.json, table, soak.png (rc 1 on a failed check)")
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--concurrency", type=int, default=24, help="client threads sending mixed requests")
+    p.add_argument("--hostile-per-s", type=float, default=1.0, help="hostile requests per second")
+    p.add_argument("--replicas", type=int, default=2, help="replicas of the pool one of which is killed")
+    p.add_argument("--skip-methods", default="pearl", help="comma list of arms never named (\"\" = every arm)")
+    p.add_argument("--config", default=None, help="Serve config YAML (default: the shipped deploy/metaspec.yaml)")
+    p.add_argument("--out", default="build/soak", help="soak.json, soak.png and the outcome log go here")
+    p.set_defaults(func=_soak)
     return parser
 
 
