@@ -192,9 +192,12 @@ def make_engine(pair: Pair, dtype: str = "float32", lean: bool = True, drafter: 
     from metaspec.workers.model import ModelConfig
     from metaspec.workers.scheduler import SchedulerConfig
 
+    # The draft budget off by default: it weighs measured timings, so with it on how much an arm drafts depends
+    # on the machine's load, and the contract tests must see every arm draft. tests/workers/test_budget.py turns
+    # it on.
     cfg = EngineConfig(target=ModelConfig(pair.target, dtype=dtype, lean=lean),
                        drafter=ModelConfig(pair.drafter, dtype=dtype, lean=lean) if drafter else None,
-                       default_method="ar", batch=batch or SchedulerConfig())
+                       default_method="ar", batch=batch or SchedulerConfig(draft_budget=False))
     engine = Engine(cfg)
     engine.resources.update(local_resources(engine.target.vocab_size))
     return engine

@@ -6,7 +6,9 @@ import pytest
 
 from metaspec.workers.budget import Ask, CostCurve, default_curve, plan
 from metaspec.workers.engine import Request
+from metaspec.workers.scheduler import SchedulerConfig
 from metaspec.workers.types import SamplingParams
+from tests.conftest import make_engine
 
 CURVE = CostCurve((1, 2, 4, 8, 16, 32, 64), (1.0, 1.18, 1.18, 1.38, 1.74, 2.48, 4.08))   # PERF_NOTES' shape
 
@@ -45,24 +47,49 @@ def test_curve_interpolates_and_extrapolates():
     assert default_curve(1.0).time(64) == pytest.approx(4.08)
 
 
-def test_the_measured_curve_never_decreases(tiny_engine):
-    c = tiny_engine.scheduler.curve
+@pytest.fixture(scope="module")
+def budget_engine(tiny_pair):
+    """The tiny engine with the draft budget on (the shared fixture has it off)."""
+    engine = make_engine(tiny_pair, batch=SchedulerConfig(draft_budget=True))
+    yield engine
+    engine.close()
+
+
+def test_the_measured_curve_never_decreases(budget_engine):
+    c = budget_engine.scheduler.curve
     assert list(c.seconds) == sorted(c.seconds) and c.tokens[0] == 1 and c.seconds[0] > 0
-    assert tiny_engine.pool.free == tiny_engine.pool.slots      # measuring gave every slot back
+    assert budget_engine.pool.free == budget_engine.pool.slots      # measuring gave every slot back
 
 
-def test_a_loaded_step_cuts_drafts_and_says_why(tiny_engine):
+def test_a_loaded_step_cuts_drafts_and_says_why(budget_engine):
     """With a curve where every scored token costs a full forward, no draft token pays: all are cut, and the
     output is still AR's."""
-    saved = tiny_engine.scheduler.curve
-    tiny_engine.scheduler.curve = CostCurve((1, 2), (1.0, 2.0))
+    saved = budget_engine.scheduler.curve
+    budget_engine.scheduler.curve = CostCurve((1, 2), (1.0, 2.0))
     try:
         requests = [Request(prompt=f"def f{i}(x):\n    return x +", method="pld",
                             params=SamplingParams(max_tokens=24)) for i in range(6)]
-        got = tiny_engine.generate_many(requests)
+        got = budget_engine.generate_many(requests)
     finally:
-        tiny_engine.scheduler.curve = saved
-    want = [tiny_engine.generate(Request(prompt=r.prompt, method="ar", params=r.params)) for r in requests]
+        budget_engine.scheduler.curve = saved
+    want = [budget_engine.generate(Request(prompt=r.prompt, method="ar", params=r.params)) for r in requests]
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert sum(g.stats.budget_cut for g in got) > 0 and sum(g.stats.accepted for g in got) == 0
     assert any("worth their forward cost" in g.stats.budget_reason for g in got)
+
+
+def test_a_drafter_that_does_not_pay_is_not_run(budget_engine):
+    """An arm that pays to draft (sps) is capped before it drafts, every step: where no token pays, its drafter
+    never runs (the cap used to lapse after a step without a draft, so it drafted every other step only to be
+    cut). The output is still AR's."""
+    saved = budget_engine.scheduler.curve
+    budget_engine.scheduler.curve = CostCurve((1, 2), (1.0, 2.0))
+    try:
+        requests = [Request(prompt=f"def g{i}(y):\n    return y *", method="sps", params=SamplingParams(max_tokens=24))
+                    for i in range(4)]
+        got = budget_engine.generate_many(requests)
+    finally:
+        budget_engine.scheduler.curve = saved
+    want = [budget_engine.generate(Request(prompt=r.prompt, method="ar", params=r.params)) for r in requests]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert sum(g.stats.drafted for g in got) == 0 and sum(g.stats.budget_cut for g in got) == 0
