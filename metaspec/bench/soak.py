@@ -403,8 +403,20 @@ def main(minutes: float, concurrency: int, hostile_per_s: float, config: str | N
              log_to_driver=False)
     try:
         rep = run(cfg, base, opts, Path(out))
+        print(soak_report.table(rep))            # before the teardown: Ray may end this process during it
+        print(f"wrote {Path(out) / 'soak.json'} and {Path(out) / 'soak.png'}", flush=True)
     finally:
+        _shutdown_serve()
         stop()
-    print(soak_report.table(rep))
-    print(f"wrote {Path(out) / 'soak.json'} and {Path(out) / 'soak.png'}")
     return 0 if rep["passed"] else 1
+
+
+def _shutdown_serve() -> None:
+    """Serve down in this thread first (as tests/deploy do): `stop` then only reaps, instead of racing a Serve
+    shutdown thread that outlived its wait against Ray's teardown (seen: the process ended before printing)."""
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    except Exception as exc:                     # `stop` kills what is left
+        print(f"serve shutdown: {type(exc).__name__}: {exc}", flush=True)

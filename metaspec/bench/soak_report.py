@@ -81,7 +81,8 @@ def resync(timeline, t_restart: float | None) -> dict:
     keys_after = [(t, n) for t, n in timeline.redis_keys if t > t_restart]
     refilled = next((t for t, n in keys_after if n > 0), None)
     before = [s for t, s in timeline.tables if t <= t_restart]
-    after = [s for t, s in timeline.tables if t > t_restart]
+    # a replacement replica reports connected=False, syncs=0 until its first sync: judged once it has synced
+    after = [s for t, s in timeline.tables if t > t_restart and (s["syncs"] or 0) > 0]
     return {"keys_before_restart": max((n for t, n in timeline.redis_keys if t <= t_restart), default=None),
             "keys_at_end": keys_after[-1][1] if keys_after else None,
             "refilled_after_s": None if refilled is None else refilled - t_restart,
