@@ -219,9 +219,11 @@ def hostile_requests() -> list[tuple[str, object]]:
     make = convert.make_request
     nested = '{"type": "array", "items": ' * 2000 + "{}" + "}" * 2000
     return [("ids_negative", make([-1, 5])), ("ids_beyond_vocab", make([5, 2 ** 31 - 1])),
-            ("temperature_nan", make("hi", temperature=math.nan)), ("temperature_inf", make("hi", temperature=math.inf)),
+            ("temperature_nan", make("hi", temperature=math.nan)),
+            ("temperature_inf", make("hi", temperature=math.inf)),
             ("temperature_1e-300", make("hi", temperature=1e-300)), ("top_k_negative", make("hi", top_k=-5)),
-            ("stop_list_huge", make("hi", stop=["a"] * 100_000)), ("max_tokens_huge", make("hi", max_tokens=2 ** 31 - 1)),
+            ("stop_list_huge", make("hi", stop=["a"] * 100_000)),
+            ("max_tokens_huge", make("hi", max_tokens=2 ** 31 - 1)),
             ("schema_nested", make("hi", constraint=Constraint("json_schema", nested))),
             ("schema_bad", make("hi", constraint=Constraint("json_schema", '{"type": 12}'))),
             ("regex_bad", make("hi", constraint=Constraint("regex", "(a"))),
@@ -244,7 +246,8 @@ def send(client: Client, msg, stream: bool, cancel_after: int, deadline_s: float
             trailers = rpc.trailing_metadata()
         else:
             reply, rpc = client.stub.Generate.with_call(msg, timeout=deadline_s, metadata=client.metadata)
-            call.tokens, call.method, trailers = len(reply.token_ids), reply.method or call.method, rpc.trailing_metadata()
+            call.tokens, call.method = len(reply.token_ids), reply.method or call.method
+            trailers = rpc.trailing_metadata()
         call.code = "OK"
     except grpc.RpcError as err:
         call.code = err.code().name if err.code() is not None else "UNKNOWN"

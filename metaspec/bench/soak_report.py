@@ -168,7 +168,8 @@ def table(rep: dict) -> str:
              f"mixed:   {_codes(rep['mixed_codes'])}", f"hostile: {_codes(rep['hostile_codes'])}",
              f"OK: {rep['ok_requests_per_s']:.2f} req/s, {rep['ok_tokens_per_s']:.1f} tok/s, latency p50/p99 "
              f"{_f(rep['latency_s'][50])}/{_f(rep['latency_s'][99])} s, longest call {rep['longest_s']:.1f} s",
-             f"outcomes: {rep['acknowledged']} acknowledged, {rep['unrecorded']} not recorded, {rep['logged']} in the log",
+             f"outcomes: {rep['acknowledged']} acknowledged, {rep['unrecorded']} not recorded, {rep['logged']} "
+             "in the log",
              f"tables: {rep['tables']}", f"{'process':<8}{'pid':>9}{'RSS@1/3':>10}{'RSS end':>10}{'max':>8}  (MiB)"]
     for pid, m in rep["memory"].items():
         lines.append(f"{m['label']:<8}{pid:>9}{_f(m['warm_mib'], '.0f'):>10}{_f(m['end_mib'], '.0f'):>10}"
