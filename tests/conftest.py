@@ -20,6 +20,24 @@ import torch
 torch.set_num_threads(1)  # the CI box has 2 cores; tiny models gain nothing from more threads
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Stop what the tests left running while the interpreter is still whole: PEARL drafters, a Ray driver, and
+    (by a collection now) any gRPC channel or engine a test dropped without closing. Native threads still polling
+    when the interpreter tears down are what crash an exiting process."""
+    import gc
+    import sys
+
+    pearl = sys.modules.get("metaspec.workers.pearl")
+    if pearl is not None:
+        for pools in list(pearl._POOLS.values()):
+            for pool in list(pools.values()):
+                pool.shutdown()
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+    gc.collect()
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
     """pytest's faulthandler stops with the session; keep one on while the interpreter exits, so a crash there
@@ -206,7 +224,9 @@ def make_engine(pair: Pair, dtype: str = "float32", lean: bool = True, drafter: 
 @pytest.fixture(scope="session")
 def tiny_engine(tiny_pair):
     """fp32 engine over the tiny pair (lean Llama forward)."""
-    return make_engine(tiny_pair)
+    engine = make_engine(tiny_pair)
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="session")
@@ -221,4 +241,6 @@ def shipped_pair() -> Pair:
 @pytest.fixture(scope="session")
 def shipped_engine(shipped_pair):
     """fp32 engine over the shipped target + drafter (fp32: bf16 batched vs single-token numerics can flip ties)."""
-    return make_engine(shipped_pair)
+    engine = make_engine(shipped_pair)
+    yield engine
+    engine.close()
