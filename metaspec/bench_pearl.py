@@ -207,7 +207,7 @@ def round_trip_us(engine: Engine, setting: Setting, n: int = 2000) -> dict:
     """Ping the idle drafter: back to back (it is still spinning) and 2 ms apart (it sleeps on the pipe)."""
     apply(setting)
     pool = pool_for(engine.drafter, engine.resources["pearl_config"])
-    d = pool.lease()
+    d, lease_id = pool.lease()
     try:
         hot = sorted(d.ping() * 1e6 for _ in range(n))
         cold = []
@@ -216,7 +216,7 @@ def round_trip_us(engine: Engine, setting: Setting, n: int = 2000) -> dict:
             cold.append(d.ping() * 1e6)
         cold.sort()
     finally:
-        pool.release(d, d.lease_id)
+        pool.release(d, lease_id)
     pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))]
     return {"hot_p50_us": pct(hot, 0.5), "hot_p99_us": pct(hot, 0.99), "cold_p50_us": pct(cold, 0.5),
             "cold_p99_us": pct(cold, 0.99), "n_hot": len(hot), "n_cold": len(cold)}

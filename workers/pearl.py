@@ -45,7 +45,9 @@ class PearlConfig:
     prior_accept: float = 0.6         # per-token acceptance assumed before the request has any evidence
     decay: float = 0.9                # evidence kept per step (acceptance and timings follow recent steps)
     max_drafters: int = 1             # drafters per pool, each serving one request at a time
-    preempt_idle_s: float = 1.0       # a lease unused this long may be taken back for a new request
+    preempt_idle_s: float = 30.0      # a lease unused this long may be taken back for a new request (a holder
+                                      # that never closed; a live request on a loaded replica can go seconds
+                                      # between steps)
     spin_s: float = 1e-3              # busy-wait before blocking on a doorbell (each side owns its core; a
                                       # wake-up from a pipe costs tens of us idle, ms on a loaded machine)
     start_timeout_s: float = 300.0    # drafter start-up (model load) limit
@@ -178,8 +180,8 @@ class DrafterPool:
     """Drafters for one drafter model, started on first use, leased one request at a time, restarted if dead.
 
     >>> pool = pool_for(engine.drafter, PearlConfig())
-    >>> drafter = pool.lease()          # None when every drafter serves another request
-    >>> pool.release(drafter, drafter.lease_id)
+    >>> drafter, lease_id = pool.lease()   # None when every drafter serves another request
+    >>> pool.release(drafter, lease_id)
     """
 
     def __init__(self, drafter: Model, cfg: PearlConfig) -> None:
@@ -189,6 +191,11 @@ class DrafterPool:
         self.runner = _choose_runner(cfg, self.source)
         self.speeds: "weakref.WeakKeyDictionary[Model, dict[str, float]]" = weakref.WeakKeyDictionary()
         self.restarts = 0
+        # Requests are set up on several threads at once: choosing, starting and leasing a drafter happen under
+        # this lock, or two requests could lease the same drafter and drive its one channel together (each then
+        # waits on epochs the other keeps moving: a stalled step loop). Reentrant: a collection inside may run a
+        # finished request's finalizer, which releases.
+        self._lock = threading.RLock()
         if cfg.pin_caller and self.runner == "process":
             drafter_cpus = set(cfg.drafter_cpus or _default_drafter_cpus())
             rest = set(os.sched_getaffinity(0)) - drafter_cpus
@@ -203,41 +210,59 @@ class DrafterPool:
         self.drafters.append(d)
         return d
 
-    def lease(self) -> Drafter | None:
-        """An idle, ready drafter (started or restarted as needed), or None when all serve live requests.
+    def lease(self) -> tuple[Drafter, int] | None:
+        """An idle, ready drafter (started or restarted as needed) and the id of this lease, or None when all
+        serve live requests. The id is the caller's proof of holding it: `drafter.lease_id` moves on when the lease
+        is taken back, so read it here, not later.
 
         A drafter whose holder has not drafted for `preempt_idle_s` (a finished request whose proposer is still
         referenced somewhere) is taken back: its old holder then gets DrafterGone and decodes without drafts.
+        Safe to call from several threads: each drafter goes to one caller at a time, under its own lease id.
         """
         for attempt in range(2):
-            for d in list(self.drafters):
-                if not d.alive():  # its holder, if any, gets DrafterGone at its next call
-                    self._drop(d)
-                    self.restarts += 1
-            idle = [d for d in self.drafters if not d.leased]
-            d = idle[0] if idle else (self.start() if len(self.drafters) < self.cfg.max_drafters else None)
-            if d is None and attempt == 1:
-                stale = min(self.drafters, key=lambda x: x.last_used, default=None)
-                d = stale if stale and time.monotonic() - stale.last_used > self.cfg.preempt_idle_s else None
+            with self._lock:
+                d = self._pick(take_stale=attempt == 1)
+                if d is not None:
+                    d.leased, d.lease_id, d.last_used = True, d.lease_id + 1, time.monotonic()
+                    lease_id = d.lease_id
             if d is not None:
-                d.wait_ready()
-                d.leased, d.lease_id, d.last_used = True, d.lease_id + 1, time.monotonic()
-                return d
+                try:
+                    d.wait_ready()       # outside the lock: a drafter starting up does not hold up the others
+                except BaseException:
+                    self.release(d, lease_id)
+                    raise
+                return d, lease_id
             gc.collect()  # a finished request's proposer may only await collection to give its drafter back
+        return None
+
+    def _pick(self, take_stale: bool) -> Drafter | None:
+        for d in list(self.drafters):
+            if not d.alive():  # its holder, if any, gets DrafterGone at its next call
+                self._drop(d)
+                self.restarts += 1
+        idle = [d for d in self.drafters if not d.leased]
+        if idle:
+            return idle[0]
+        if len(self.drafters) < self.cfg.max_drafters:
+            return self.start()
+        stale = min(self.drafters, key=lambda x: x.last_used, default=None)
+        if take_stale and stale is not None and time.monotonic() - stale.last_used > self.cfg.preempt_idle_s:
+            return stale
         return None
 
     def release(self, d: Drafter, lease_id: int) -> None:
         """End lease `lease_id` of `d` (a lease already taken back is left alone)."""
-        if d.lease_id != lease_id or not d.leased:
-            return
-        d.ch.ctl[M_RUN] = 0
-        d.ch.ring_drafter()
-        d.leased = False
-        if not d.alive() and d in self.drafters:  # died mid-request: start its replacement, ready for the next
-            self._drop(d)
-            self.restarts += 1
-            if len(self.drafters) < self.cfg.max_drafters:
-                self.start()
+        with self._lock:
+            if d.lease_id != lease_id or not d.leased:
+                return
+            d.ch.ctl[M_RUN] = 0
+            d.ch.ring_drafter()
+            d.leased = False
+            if not d.alive() and d in self.drafters:  # died mid-request: start its replacement for the next
+                self._drop(d)
+                self.restarts += 1
+                if len(self.drafters) < self.cfg.max_drafters:
+                    self.start()
 
     def _drop(self, d: Drafter) -> None:
         self.drafters.remove(d)
@@ -254,8 +279,9 @@ class DrafterPool:
         return self.speeds[target]
 
     def shutdown(self) -> None:
-        for d in list(self.drafters):
-            self._drop(d)
+        with self._lock:
+            for d in list(self.drafters):
+                self._drop(d)
 
 
 def _choose_runner(cfg: PearlConfig, source: ModelConfig | None) -> str:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -88,11 +90,11 @@ def test_the_draft_after_a_rollback_is_sized_by_acceptance_and_the_speed_ratio()
 
 def test_round_trip_through_the_channel(tiny_engine):
     pool = _pool(tiny_engine)
-    drafter = pool.lease()
+    drafter, lease_id = pool.lease()
     try:
         times = [drafter.ping() for _ in range(50)]
     finally:
-        pool.release(drafter, drafter.lease_id)
+        pool.release(drafter, lease_id)
     assert all(t > 0 for t in times)
 
 
@@ -162,6 +164,51 @@ def test_concurrent_requests_never_fail_and_stay_exact(tiny_engine):
     fallbacks = [(r.stats.fallback or "") for r in results]
     # the second request finds the drafter busy, unless the machine stalled the first past preempt_idle_s
     assert "another request" in fallbacks[1] or "taken back" in fallbacks[0], fallbacks
+
+
+def test_requests_set_up_at_once_never_share_a_drafter(tiny_pair):
+    """Requests are set up on several threads at once: however their lease() calls interleave, a drafter goes to
+    one of them (the others get None), and the pool never starts more than max_drafters (two holders of one
+    drafter drove its channel together and stalled the step loop; seen in the soak)."""
+    drafter = load_model(ModelConfig(tiny_pair.drafter))
+    pool = pool_for(drafter, PearlConfig(runner="thread", max_drafters=1, preempt_idle_s=60.0))
+    try:
+        for _ in range(5):
+            start = threading.Barrier(6)
+
+            def lease():
+                start.wait()
+                return pool.lease()
+
+            with ThreadPoolExecutor(6) as ex:
+                got = [lease for lease in ex.map(lambda _: lease(), range(6)) if lease is not None]
+            assert len(got) == 1 and len(pool.drafters) == 1, (got, pool.drafters)
+            pool.release(*got[0])
+    finally:
+        pool.shutdown()
+
+
+def test_a_lease_taken_back_during_setup_stays_with_its_new_holder(tiny_pair, monkeypatch):
+    """Setting up a pearl request measures speeds after leasing (slow the first time); if another request takes
+    the lease back meanwhile, the first must keep the lease id it was given, not the new holder's (then both held
+    "the" lease and drove one channel together: the soak's stalled step loop)."""
+    target, drafter = load_model(ModelConfig(tiny_pair.target)), load_model(ModelConfig(tiny_pair.drafter))
+    cfg = PearlConfig(runner="thread", preempt_idle_s=0.0)
+    pool = pool_for(drafter, cfg)
+    real_speed = type(pool).speed
+    monkeypatch.setattr(type(pool), "speed", lambda self, t, d: (time.sleep(0.05), real_speed(self, t, d))[1])
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            proposers = list(ex.map(lambda i: build("pearl", ArmContext(
+                target=target, params=GREEDY, drafter=drafter, resources={"pearl_config": cfg})), range(4)))
+        holders = [p for p in proposers if p.d is not None and p.lease_id == p.d.lease_id]
+        assert len(holders) == 1, [(p.lease_id, p.d and p.d.lease_id) for p in proposers]
+        for p in proposers:
+            if p not in holders and p.d is not None:
+                with pytest.raises(DrafterGone, match="taken back"):
+                    p.propose([5, 6, 7], 4)
+    finally:
+        pool.shutdown()
 
 
 def test_a_stale_lease_is_taken_back_and_its_holder_stops_drafting(tiny_pair):

@@ -37,7 +37,7 @@ from ..types import Draft, SamplingParams, Verdict
 
 class PearlProposer:
     def __init__(self, pool: DrafterPool, drafter: Drafter | None, params: SamplingParams, seed: int,
-                 cfg: PearlConfig, unavailable: str = "", speed_ratio: float = 5.0) -> None:
+                 cfg: PearlConfig, unavailable: str = "", speed_ratio: float = 5.0, lease_id: int | None = None) -> None:
         self.d, self.params, self.seed, self.cfg = drafter, params, seed, cfg
         self.speed_ratio, self.unavailable = speed_ratio, unavailable    # verification / drafter step, at start
         self.acceptance = Acceptance(prior=cfg.prior_accept, decay=cfg.decay)
@@ -45,7 +45,9 @@ class PearlProposer:
         self.n, self.epoch, self.proposed, self.rolled_back, self.exhausted = -1, -1, [], True, False
         self.events: list[tuple[str, int, int]] = []   # target side (kind, start ns, end ns): "wait", "verify"
         self.trace_from, self.t_sent, self.kept = 0, 0, 0   # kept: bonus tokens the drafter had already drafted
-        self.lease_id = drafter.lease_id if drafter is not None else -1
+        # The lease this request holds, as it was when lease() returned (the drafter's own id moves on if the
+        # lease is taken back); None = the drafter's current one.
+        self.lease_id = -1 if drafter is None else drafter.lease_id if lease_id is None else lease_id
         self._release = weakref.finalize(self, pool.release, drafter, self.lease_id) if drafter is not None else None
 
     def propose(self, seq: list[int], k: int) -> Draft:
@@ -134,6 +136,12 @@ class PearlProposer:
             raise DrafterGone(f"pearl drafter {reason} mid-request; the next request gets a restarted one")
         return self.d
 
+    def _lost(self) -> str | None:
+        """Why a wait for the drafter cannot end: it died, or its lease went to another request."""
+        if self.d.lease_id != self.lease_id:
+            return "was taken back by another request"
+        return self.d.gone()
+
     def _start(self, seq: list[int]) -> None:
         """Hand the drafter a (new or resynchronised) sequence: params, tokens, then a new epoch."""
         ch, c = self.d.ch, self.d.ch.ctl
@@ -169,7 +177,7 @@ class PearlProposer:
         c, epoch, t0 = self.d.ch.ctl, self.epoch, time.monotonic_ns()
         if not (c[D_EPOCH] == epoch and c[D_END] >= end):
             wait_for(lambda: c[D_EPOCH] == epoch and c[D_END] >= end, self.d.ch.bell_r, self.cfg.spin_s,
-                     self.d.gone, self.cfg.wait_timeout_s, f"waiting for position {end - 1}")
+                     self._lost, self.cfg.wait_timeout_s, f"waiting for position {end - 1}")
             self.events.append(("wait", t0, time.monotonic_ns()))
 
 
@@ -180,9 +188,10 @@ def build(ctx: ArmContext) -> PearlProposer:
     pool = pool_for(ctx.drafter, cfg)
     seed = row_seed(ctx.seed, 0, DRAFT) if not ctx.params.greedy else 0   # the drafter's seed follows the request's
     drafter, unavailable = None, "every pearl drafter is serving another request"
+    lease_id = None
     try:
-        drafter = pool.lease()
+        drafter, lease_id = pool.lease() or (None, None)
     except Exception as exc:  # a drafter that cannot start makes this request decode without drafts, not fail
         unavailable = f"pearl drafter could not start: {type(exc).__name__}: {exc}"
     ratio = pool.speed(ctx.target, drafter)["speed_ratio"] if drafter is not None else 1.0
-    return PearlProposer(pool, drafter, ctx.params, seed, cfg, unavailable, ratio)
+    return PearlProposer(pool, drafter, ctx.params, seed, cfg, unavailable, ratio, lease_id)
