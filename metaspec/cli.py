@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=24, help="client threads sending mixed requests")
     p.add_argument("--hostile-per-s", type=float, default=1.0, help="hostile requests per second")
     p.add_argument("--replicas", type=int, default=2, help="replicas of the pool one of which is killed")
-    p.add_argument("--skip-methods", default="pearl", help="comma list of arms never named (\"\" = every arm)")
+    p.add_argument("--skip-methods", default="", help="comma list of arms never named (default: none)")
     p.add_argument("--config", default=None, help="Serve config YAML (default: the shipped deploy/metaspec.yaml)")
     p.add_argument("--out", default="build/soak", help="soak.json, soak.png and the outcome log go here")
     p.set_defaults(func=_soak)
