@@ -60,6 +60,7 @@ class PoolSpec:
     kv_mem_gb: float | None = None              # cap on the replica's KV pool (fewer slots if it binds); None = none
     slot_tokens: int | None = None              # cache positions per slot; None = the target's context window
     max_waiting: int = 256                      # requests waiting for a KV slot before RESOURCE_EXHAUSTED
+    draft_budget: bool = True                   # cut drafts that do not pay for their share of a step's forward
     num_replicas: int = 1                       # replicas of this pool
     max_ongoing_requests: int = 16 + BATCH_HEADROOM   # requests Serve hands one replica (max_batch + headroom:
                                                 # the batch fills while a few more are set up, tokenized, compiled)
@@ -201,6 +202,7 @@ class PoolModel(BaseModel):
     kv_mem_gb: float | None = Field(default=None, gt=0)
     slot_tokens: int | None = Field(default=None, ge=16)
     max_waiting: int = Field(default=256, ge=0)
+    draft_budget: bool = True                   # false = every arm drafts what it asks (no load-aware cut)
     num_replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int | None = Field(default=None, ge=1)   # None = max_batch + BATCH_HEADROOM
     max_queued_requests: int = Field(default=16, ge=-1)

@@ -32,8 +32,9 @@ LONG = {"max_tokens": 600, "extra_body": {"ignore_eos": True, "metaspec": {"meth
 @pytest.fixture(scope="module")
 def service(ray_local, tiny_pair, tmp_path_factory):
     cfg = load_app_config({
+        # draft_budget off: with it, whether sps drafts on the tiny pair depends on measured timings
         "pools": [{"name": "a", "target": tiny_pair.target, "drafter": tiny_pair.drafter, "tables": None,
-                   "max_ongoing_requests": 1, "max_queued_requests": 1}],
+                   "draft_budget": False, "max_ongoing_requests": 1, "max_queued_requests": 1}],
         "router": {"outcome_dir": str(tmp_path_factory.mktemp("outcomes")), "default_max_tokens": 16,
                    "max_tokens_limit": 600, "api_key_hashes": [hash_api_key(KEY)], "pool_watch_s": 0.2,
                    "methods": ["sps", "ar"]}})

@@ -99,7 +99,9 @@ def service(request, ray_local, tiny_pair, tmp_path_factory, redis_server):
     its own where the machine lets the test mount one (a test fills it)."""
     outcome_dir = small_disk(tmp_path_factory.mktemp("outcomes"))
     cfg = load_app_config({
-        "pools": [{"name": "a", "target": tiny_pair.target, "drafter": tiny_pair.drafter,
+        # draft_budget off: with it, whether sps drafts on the tiny pair depends on measured timings (the tests
+        # below check that drafts happened)
+        "pools": [{"name": "a", "target": tiny_pair.target, "drafter": tiny_pair.drafter, "draft_budget": False,
                    "max_ongoing_requests": 2, "max_queued_requests": 2, "tables": {"redis_url": redis_server.url}},
                   {"name": "b", "target": tiny_pair.target, "drafter": "", "tables": None,
                    "max_ongoing_requests": 2, "max_queued_requests": 2}],
