@@ -62,8 +62,8 @@ def test_the_measured_curve_never_decreases(budget_engine):
 
 
 def test_a_loaded_step_cuts_drafts_and_says_why(budget_engine):
-    """With a curve where every scored token costs a full forward, no draft token pays: all are cut, and the
-    output is still AR's."""
+    """With a curve where every scored token costs a full forward, draft tokens stop paying: they are cut, the
+    reason is recorded, and the output is still AR's."""
     saved = budget_engine.scheduler.curve
     budget_engine.scheduler.curve = CostCurve((1, 2), (1.0, 2.0))
     try:
@@ -74,20 +74,23 @@ def test_a_loaded_step_cuts_drafts_and_says_why(budget_engine):
         budget_engine.scheduler.curve = saved
     want = [budget_engine.generate(Request(prompt=r.prompt, method="ar", params=r.params)) for r in requests]
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
-    assert sum(g.stats.budget_cut for g in got) > 0 and sum(g.stats.accepted for g in got) == 0
+    # (not "nothing accepted": a step that also carries a request's prefill chunk is slow anyway, and a drafted
+    # token may pay there)
+    assert sum(g.stats.budget_cut for g in got) > 0
     assert any("worth their forward cost" in g.stats.budget_reason for g in got)
 
 
 def test_a_drafter_that_does_not_pay_is_not_run(budget_engine):
     """An arm that pays to draft (sps) is capped before it drafts, every step: where no token pays, its drafter
     never runs (the cap used to lapse after a step without a draft, so it drafted every other step only to be
-    cut). The output is still AR's."""
+    cut). The output is still AR's. One request at a time: a step that also carries another request's prefill
+    chunk is slow anyway, and there a drafted token may pay for itself."""
     saved = budget_engine.scheduler.curve
     budget_engine.scheduler.curve = CostCurve((1, 2), (1.0, 2.0))
     try:
         requests = [Request(prompt=f"def g{i}(y):\n    return y *", method="sps", params=SamplingParams(max_tokens=24))
-                    for i in range(4)]
-        got = budget_engine.generate_many(requests)
+                    for i in range(3)]
+        got = [budget_engine.generate(r) for r in requests]
     finally:
         budget_engine.scheduler.curve = saved
     want = [budget_engine.generate(Request(prompt=r.prompt, method="ar", params=r.params)) for r in requests]
