@@ -83,8 +83,24 @@ class Request:
     constraint: ConstraintSpec | None = None           # output grammar (JSON Schema, regex, Lark); None = free text
 
 
+class _Acceptance:
+    """Acceptance measures of a decode's counters (`drafts`, `drafted`, `accepted`), shared by both records."""
+
+    drafts: int
+    drafted: int
+    accepted: int
+
+    @property
+    def acceptance_length(self) -> float:
+        return 1.0 + self.accepted / self.drafts if self.drafts else 1.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
 @dataclass
-class DecodeStats:
+class DecodeStats(_Acceptance):
     """Counters of one decode, updated by the step loop; mean acceptance length = 1 + accepted / drafts."""
 
     steps: int = 0               # target forwards after prefill
@@ -103,20 +119,12 @@ class DecodeStats:
     batch_sum: int = 0           # sum over its steps of the requests in the step (mean batch = batch_sum / steps)
     budget_reason: str = ""      # the latest budget decision that cut this request's draft, in words
 
-    @property
-    def acceptance_length(self) -> float:
-        return 1.0 + self.accepted / self.drafts if self.drafts else 1.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
-
 
 _COUNTS = ("steps", "drafts", "drafted", "accepted", "emitted", "forced", "pruned", "budget_cut", "batch_sum")
 
 
 @dataclass(frozen=True)
-class RequestStats:
+class RequestStats(_Acceptance):
     """One finished request's decode counters, as the worker hands them to the router (a frozen DecodeStats)."""
 
     steps: int = 0               # target forwards after prefill
@@ -156,14 +164,6 @@ class RequestStats:
     def of(cls, stats: DecodeStats) -> RequestStats:
         """The one conversion from the step loop's counters."""
         return cls(**(asdict(stats) | {"draft_hist": tuple(sorted(stats.draft_hist.items()))}))
-
-    @property
-    def acceptance_length(self) -> float:
-        return 1.0 + self.accepted / self.drafts if self.drafts else 1.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
     def batch_mean(self) -> float:
