@@ -16,6 +16,8 @@ import heapq
 import time
 from dataclasses import dataclass
 
+from .draft_length import expected_tokens
+
 
 @dataclass(frozen=True)
 class CostCurve:
@@ -112,7 +114,7 @@ def plan(asks: list[Ask], base_tokens: int, curve: CostCurve) -> list[int]:
     """
     caps = [a.fixed for a in asks]
     tokens = base_tokens + sum(caps)
-    emitted = float(len(asks)) + sum(_expected(a.alpha, a.fixed) - 1 for a in asks)
+    emitted = float(len(asks)) + sum(expected_tokens(a.alpha, a.fixed) - 1 for a in asks)
     seconds = curve.time(tokens)
     heap = [(-(a.alpha ** (a.fixed + 1)), i) for i, a in enumerate(asks) if a.fixed < a.limit and a.alpha > 0]
     heapq.heapify(heap)
@@ -126,7 +128,3 @@ def plan(asks: list[Ask], base_tokens: int, curve: CostCurve) -> list[int]:
         if caps[i] < asks[i].limit:
             heapq.heappush(heap, (-(p * asks[i].alpha), i))
     return caps
-
-
-def _expected(alpha: float, k: int) -> float:
-    return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)

@@ -29,6 +29,10 @@ def best_length(alpha: float, cost_per_token: float, k_cap: int) -> int:
     return max(range(1, max(1, k_cap) + 1), key=lambda k: tokens_per_cost(alpha, k, cost_per_token))
 
 
+DRAFT_STEP_PRIOR_S = 0.0005   # one drafting position's cost before an arm has timed its own (the step budget's
+                              # price for a draft token of an arm that drafts with a model)
+
+
 def decayed_mean(old: float | None, new: float, decay: float) -> float:
     """Running mean that keeps `decay` of the old value per sample (the first sample starts it)."""
     return new if old is None else decay * old + (1 - decay) * new

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..draft_length import best_length, decayed_mean, tokens_per_cost
+from ..draft_length import DRAFT_STEP_PRIOR_S, best_length, decayed_mean, tokens_per_cost
 from ..kv import Item, forward_batch
 from ..model import Session
 from ..registry import ArmContext, register
@@ -85,7 +85,7 @@ class EarlyExitProposer:
     @property
     def draft_cost_s(self) -> float:
         """Seconds one more drafted token costs this request (the step's draft budget weighs it)."""
-        return self.share_s if self.share_s is not None else 0.0005
+        return self.share_s if self.share_s is not None else DRAFT_STEP_PRIOR_S
 
     def propose(self, seq: list[int], k: int) -> Draft:
         return propose_batch([self], [seq], [k])[0]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..draft_length import Acceptance, best_length, decayed_mean
+from ..draft_length import DRAFT_STEP_PRIOR_S, Acceptance, best_length, decayed_mean
 from ..drafter_cache import DrafterCache
 from ..kv import Item, SlotSession, forward_batch
 from ..model import Model
@@ -71,7 +71,7 @@ class SpsProposer:
     @property
     def draft_cost_s(self) -> float:
         """Seconds one more drafted token costs this request: its share of a batched drafter step."""
-        return (self.step_s if self.step_s is not None else 0.0005) / self.group
+        return (self.step_s if self.step_s is not None else DRAFT_STEP_PRIOR_S) / self.group
 
     def observe(self, seq: list[int], verdict: Verdict) -> None:
         if self.proposed_at is None:  # a step this arm did not draft (e.g. tokens a grammar forced)
