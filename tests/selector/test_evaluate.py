@@ -15,7 +15,7 @@ from metaspec.selector.features import (FEATURE_VERSION, IDLE_LOAD, LOAD_FEATURE
                                         inflight_load_features, load_features, pool_features, upgrade,
                                         worker_load_features)
 from metaspec.selector.report import format_table
-from metaspec.selector.selector import Selector
+from metaspec.selector.selector import Selector, SelectorConfig
 from metaspec.selector.train import build_table, by_request, fit_model
 from metaspec.selector.types import Outcome, PoolInfo
 
@@ -97,7 +97,7 @@ def test_a_pools_batch_load_reaches_the_choice(outcomes):
     from metaspec.selector.features import RequestInput
 
     model = fit_model(build_table(outcomes), "rf")
-    selector = Selector(model)
+    selector = Selector(model, SelectorConfig(epsilon=0))   # exploration would pick at random
     ids = list(range(50))
     inp = RequestInput(ids, " ".join(map(str, ids)), 64)
     idle = PoolInfo("cpu", ("ar", "sps", "pld"), HARDWARE)
