@@ -2,8 +2,9 @@
 
 On a CPU the drafter is its own process pinned to its own core (one torch thread); on a GPU it is a process on
 another CUDA device, or a thread with its own CUDA stream when only one device exists. Either way it talks to
-the target's process through one `Channel` (workers/pearl_channel.py: the shared-memory protocol and the
-drafter's loop). This module starts drafters, leases one to each request and restarts one that died.
+the target's process through one `Channel` per request it serves (a lane; workers/pearl_channel.py: the
+shared-memory protocol and the drafter's loop, which drafts for all its lanes in one batched forward). This
+module starts drafters, leases one lane to each request and restarts a drafter that died.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class PearlConfig:
                                       # for the draft length that acceptance × (drafter step / verification) favours
     prior_accept: float = 0.6         # per-token acceptance assumed before the request has any evidence
     decay: float = 0.9                # evidence kept per step (acceptance and timings follow recent steps)
-    max_drafters: int = 1             # drafters per pool, each serving one request at a time
+    max_drafters: int = 1             # drafter processes (or threads) per pool
+    lanes: int = 4                    # requests one drafter serves at once: each drafted position of all of them
+                                      # is one batched drafter forward
     preempt_idle_s: float = 30.0      # a lease unused this long may be taken back for a new request (a holder
                                       # that never closed; a live request on a loaded replica can go seconds
                                       # between steps)
@@ -56,6 +59,8 @@ class PearlConfig:
     def __post_init__(self) -> None:
         if self.runner not in ("auto", "process", "thread"):
             raise ValueError(f"runner must be 'auto', 'process' or 'thread', got {self.runner!r}")
+        if self.lanes < 1 or self.max_drafters < 1:
+            raise ValueError(f"lanes and max_drafters must be >= 1, got {self.lanes}, {self.max_drafters}")
         if self.gamma is not None and not 1 <= self.gamma <= self.gamma_max:
             raise ValueError(f"gamma must be in [1, gamma_max={self.gamma_max}], got {self.gamma}")
 
@@ -67,24 +72,27 @@ class PearlConfig:
 
 # ---- runners: a process (CPU, or another GPU) or a thread with its own CUDA stream -------------------------------
 
-class Drafter:
-    """One running drafter and its channel; leased to one request at a time."""
+class DrafterProcess:
+    """One running drafter (a process, or a thread with its own CUDA stream) and its `cfg.lanes` channels."""
 
     def __init__(self, drafter: Model, source: ModelConfig | None, cfg: PearlConfig, runner: str) -> None:
-        self.cfg, self.runner, self.leased, self.lease_id, self.last_used = cfg, runner, False, 0, 0.0
-        self.capacity, self.vocab = drafter.max_context, drafter.vocab_size
-        self.ch, fd = Channel.create(self.capacity, self.vocab, cfg.lookahead + 2, shared=runner == "process")
-        self.ch.ctl[M_LOOKAHEAD] = cfg.lookahead
+        self.cfg, self.runner = cfg, runner
+        made = [Channel.create(drafter.max_context, drafter.vocab_size, cfg.lookahead + 2, shared=runner == "process")
+                for _ in range(cfg.lanes)]
+        self.channels = [ch for ch, _ in made]
+        for ch in self.channels:
+            ch.ctl[M_LOOKAHEAD] = cfg.lookahead
         self.proc: subprocess.Popen | None = None
         self.thread: threading.Thread | None = None
         if runner == "process":
-            self.proc = _spawn(self.ch, fd, source, cfg)
-            os.close(fd)
+            self.proc = _spawn(made, source, cfg)
+            for _, fd in made:
+                os.close(fd)
         else:
-            self.thread = threading.Thread(target=_thread_main, args=(self.ch, drafter, cfg), daemon=True,
+            self.thread = threading.Thread(target=_thread_main, args=(self.channels, drafter, cfg), daemon=True,
                                            name="pearl-drafter")
             self.thread.start()
-        self._finalizer = weakref.finalize(self, _stop, self.ch, self.proc, self.thread)
+        self._finalizer = weakref.finalize(self, _stop, self.channels, self.proc, self.thread)
 
     @property
     def pid(self) -> int | None:
@@ -96,7 +104,30 @@ class Drafter:
             return f"died (exit code {self.proc.returncode})"
         if self.thread is not None and not self.thread.is_alive():
             return "thread ended"
-        return "failed (see its stderr)" if self.ch.ctl[D_ERROR] else None
+        return "failed (see its stderr)" if any(ch.ctl[D_ERROR] for ch in self.channels) else None
+
+    def stop(self) -> None:
+        self._finalizer()
+
+
+class Drafter:
+    """One lane of a running drafter and its channel: what one request leases."""
+
+    def __init__(self, process: DrafterProcess, ch: Channel) -> None:
+        self.process, self.ch, self.cfg = process, ch, process.cfg
+        self.leased, self.lease_id, self.last_used = False, 0, 0.0
+        self.capacity, self.vocab = ch.capacity, ch.vocab
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.process.proc
+
+    def gone(self) -> str | None:
+        return self.process.gone()
 
     def alive(self) -> bool:
         return self.gone() is None
@@ -120,10 +151,11 @@ class Drafter:
         return time.perf_counter() - t0
 
     def stop(self) -> None:
-        self._finalizer()
+        """Stop the drafter this lane belongs to (every lane of it)."""
+        self.process.stop()
 
 
-def _spawn(ch: Channel, fd: int, source: ModelConfig | None, cfg: PearlConfig) -> subprocess.Popen:
+def _spawn(made: list[tuple[Channel, int]], source: ModelConfig | None, cfg: PearlConfig) -> subprocess.Popen:
     if source is None:
         raise ValueError("the process runner needs the drafter's ModelConfig (models from load_model carry it)")
     model = asdict(source) | {"threads": cfg.drafter_threads}
@@ -133,11 +165,13 @@ def _spawn(ch: Channel, fd: int, source: ModelConfig | None, cfg: PearlConfig) -
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.drafter_threads), MKL_NUM_THREADS=str(cfg.drafter_threads))
     if cfg.drafter_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = cfg.drafter_visible_devices
-    fds = (fd, ch.wake_r, ch.bell_w)
-    args = [sys.executable, "-m", "metaspec.workers.pearl", "--model", json.dumps(model), "--fds", json.dumps(fds),
+    lanes = [(fd, ch.wake_r, ch.bell_w) for ch, fd in made]
+    ch = made[0][0]
+    args = [sys.executable, "-m", "metaspec.workers.pearl", "--model", json.dumps(model), "--fds", json.dumps(lanes),
             "--shape", json.dumps([ch.capacity, ch.vocab, ch.ring]), "--cpus", json.dumps(list(cpus)),
             "--spin-s", str(cfg.spin_s), "--parent", str(os.getpid())]
-    return subprocess.Popen(args, pass_fds=fds, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    return subprocess.Popen(args, pass_fds=[fd for lane in lanes for fd in lane], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL)
 
 
 def _default_drafter_cpus() -> tuple[int, ...]:
@@ -146,23 +180,29 @@ def _default_drafter_cpus() -> tuple[int, ...]:
     return (cpus[-1],) if len(cpus) > 1 else ()
 
 
-def _thread_main(ch: Channel, model: Model, cfg: PearlConfig) -> None:
+def _thread_main(lanes: list[Channel], model: Model, cfg: PearlConfig) -> None:
     try:
         device = getattr(model, "device", torch.device("cpu"))
         if torch.device(device).type == "cuda":
             with torch.cuda.stream(torch.cuda.Stream(device)):  # overlaps the target's kernels on the same GPU
-                serve(ch, model, cfg.spin_s)
+                serve(lanes, model, cfg.spin_s)
         else:
-            serve(ch, model, cfg.spin_s)
+            serve(lanes, model, cfg.spin_s)
     except BaseException:
-        ch.ctl[D_ERROR] = 1
-        ch.ring_target()
+        _failed(lanes)
         raise
 
 
-def _stop(ch: Channel, proc: subprocess.Popen | None, thread: threading.Thread | None) -> None:
-    ch.ctl[M_SHUTDOWN] = 1
-    ch.ring_drafter()
+def _failed(lanes: list[Channel]) -> None:
+    for ch in lanes:
+        ch.ctl[D_ERROR] = 1
+        ch.ring_target()
+
+
+def _stop(lanes: list[Channel], proc: subprocess.Popen | None, thread: threading.Thread | None) -> None:
+    for ch in lanes:
+        ch.ctl[M_SHUTDOWN] = 1
+        ch.ring_drafter()
     if proc is not None:
         try:
             proc.wait(timeout=5.0)
@@ -171,30 +211,34 @@ def _stop(ch: Channel, proc: subprocess.Popen | None, thread: threading.Thread |
             proc.wait()
     elif thread is not None and thread is not threading.current_thread():
         thread.join(timeout=2.0)
-    ch.close()
+    for ch in lanes:
+        ch.close()
 
 
 # ---- the pool: one per drafter model and config, restarted when it dies -----------------------------------------
 
 class DrafterPool:
-    """Drafters for one drafter model, started on first use, leased one request at a time, restarted if dead.
+    """Drafters for one drafter model, started on first use, restarted if dead; each lane of a drafter is leased to
+    one request at a time (a drafter serves `cfg.lanes` requests in one batched forward per drafted position).
 
     >>> pool = pool_for(engine.drafter, PearlConfig())
-    >>> drafter, lease_id = pool.lease()   # None when every drafter serves another request
+    >>> drafter, lease_id = pool.lease()   # a lane; None when every lane serves another request
     >>> pool.release(drafter, lease_id)
     """
 
     def __init__(self, drafter: Model, cfg: PearlConfig) -> None:
         # Weak: the pool lives in a table keyed weakly by this model, and must not keep its own key alive.
-        self.model, self.cfg, self.drafters = weakref.ref(drafter), cfg, []
+        self.model, self.cfg = weakref.ref(drafter), cfg
+        self.processes: list[DrafterProcess] = []
+        self.drafters: list[Drafter] = []          # every lane of every running drafter
         self.source: ModelConfig | None = getattr(drafter, "source", None)
         self.runner = _choose_runner(cfg, self.source)
         self.speeds: "weakref.WeakKeyDictionary[Model, dict[str, float]]" = weakref.WeakKeyDictionary()
         self.restarts = 0
-        # Requests are set up on several threads at once: choosing, starting and leasing a drafter happen under
-        # this lock, or two requests could lease the same drafter and drive its one channel together (each then
-        # waits on epochs the other keeps moving: a stalled step loop). Reentrant: a collection inside may run a
-        # finished request's finalizer, which releases.
+        # Requests are set up on several threads at once: choosing, starting and leasing a lane happen under this
+        # lock, or two requests could lease the same lane and drive its one channel together (each then waits on
+        # epochs the other keeps moving: a stalled step loop). Reentrant: a collection inside may run a finished
+        # request's finalizer, which releases.
         self._lock = threading.RLock()
         if cfg.pin_caller and self.runner == "process":
             drafter_cpus = set(cfg.drafter_cpus or _default_drafter_cpus())
@@ -203,21 +247,24 @@ class DrafterPool:
                 os.sched_setaffinity(0, rest)
 
     def start(self) -> Drafter:
+        """Start one more drafter; its first lane."""
         model = self.model()
         if model is None:
             raise DrafterGone("the drafter model was unloaded")
-        d = Drafter(model, self.source, self.cfg, self.runner)
-        self.drafters.append(d)
-        return d
+        process = DrafterProcess(model, self.source, self.cfg, self.runner)
+        lanes = [Drafter(process, ch) for ch in process.channels]
+        self.processes.append(process)
+        self.drafters += lanes
+        return lanes[0]
 
     def lease(self) -> tuple[Drafter, int] | None:
-        """An idle, ready drafter (started or restarted as needed) and the id of this lease, or None when all
-        serve live requests. The id is the caller's proof of holding it: `drafter.lease_id` moves on when the lease
-        is taken back, so read it here, not later.
+        """An idle lane of a ready drafter (started or restarted as needed) and the id of this lease, or None when
+        all serve live requests. The id is the caller's proof of holding it: `drafter.lease_id` moves on when the
+        lease is taken back, so read it here, not later.
 
-        A drafter whose holder has not drafted for `preempt_idle_s` (a finished request whose proposer is still
+        A lane whose holder has not drafted for `preempt_idle_s` (a finished request whose proposer is still
         referenced somewhere) is taken back: its old holder then gets DrafterGone and decodes without drafts.
-        Safe to call from several threads: each drafter goes to one caller at a time, under its own lease id.
+        Safe to call from several threads: each lane goes to one caller at a time, under its own lease id.
         """
         for attempt in range(2):
             with self._lock:
@@ -232,18 +279,18 @@ class DrafterPool:
                     self.release(d, lease_id)
                     raise
                 return d, lease_id
-            gc.collect()  # a finished request's proposer may only await collection to give its drafter back
+            gc.collect()  # a finished request's proposer may only await collection to give its lane back
         return None
 
     def _pick(self, take_stale: bool) -> Drafter | None:
-        for d in list(self.drafters):
-            if not d.alive():  # its holder, if any, gets DrafterGone at its next call
-                self._drop(d)
+        for p in list(self.processes):
+            if p.gone():  # the holders of its lanes, if any, get DrafterGone at their next call
+                self._drop(p)
                 self.restarts += 1
         idle = [d for d in self.drafters if not d.leased]
-        if idle:
+        if idle:   # lanes of running drafters first: requests that share a drafter share its forwards
             return idle[0]
-        if len(self.drafters) < self.cfg.max_drafters:
+        if len(self.processes) < self.cfg.max_drafters:
             return self.start()
         stale = min(self.drafters, key=lambda x: x.last_used, default=None)
         if take_stale and stale is not None and time.monotonic() - stale.last_used > self.cfg.preempt_idle_s:
@@ -251,22 +298,23 @@ class DrafterPool:
         return None
 
     def release(self, d: Drafter, lease_id: int) -> None:
-        """End lease `lease_id` of `d` (a lease already taken back is left alone)."""
+        """End lease `lease_id` of lane `d` (a lease already taken back is left alone)."""
         with self._lock:
             if d.lease_id != lease_id or not d.leased:
                 return
             d.ch.ctl[M_RUN] = 0
             d.ch.ring_drafter()
             d.leased = False
-            if not d.alive() and d in self.drafters:  # died mid-request: start its replacement for the next
-                self._drop(d)
+            if not d.alive() and d.process in self.processes:  # died mid-request: start its replacement
+                self._drop(d.process)
                 self.restarts += 1
-                if len(self.drafters) < self.cfg.max_drafters:
+                if len(self.processes) < self.cfg.max_drafters:
                     self.start()
 
-    def _drop(self, d: Drafter) -> None:
-        self.drafters.remove(d)
-        d.stop()
+    def _drop(self, process: DrafterProcess) -> None:
+        self.processes.remove(process)
+        self.drafters = [d for d in self.drafters if d.process is not process]
+        process.stop()
 
     def speed(self, target: Model, drafter: Drafter) -> dict[str, float]:
         """Measured once per target: one verification (5 tokens) and one drafter step, in ms, and their ratio —
@@ -280,8 +328,8 @@ class DrafterPool:
 
     def shutdown(self) -> None:
         with self._lock:
-            for d in list(self.drafters):
-                self._drop(d)
+            for p in list(self.processes):
+                self._drop(p)
 
 
 def _choose_runner(cfg: PearlConfig, source: ModelConfig | None) -> str:
@@ -339,15 +387,14 @@ def _main(argv: list[str] | None = None) -> None:
         os.sched_setaffinity(0, cpus)
     model_cfg = ModelConfig(**json.loads(args.model))
     torch.set_num_threads(model_cfg.threads or 1)
-    shm_fd, wake_r, bell_w = json.loads(args.fds)
     capacity, vocab, ring = json.loads(args.shape)
-    buf = mmap.mmap(shm_fd, Channel.nbytes(capacity, vocab, ring))
-    ch = Channel(buf, capacity, vocab, ring, (wake_r, -1, -1, bell_w))
+    size = Channel.nbytes(capacity, vocab, ring)
+    lanes = [Channel(mmap.mmap(shm_fd, size), capacity, vocab, ring, (wake_r, -1, -1, bell_w))
+             for shm_fd, wake_r, bell_w in json.loads(args.fds)]
     try:
-        serve(ch, load_model(model_cfg), args.spin_s, args.parent)
+        serve(lanes, load_model(model_cfg), args.spin_s, args.parent)
     except BaseException:
-        ch.ctl[D_ERROR] = 1
-        ch.ring_target()
+        _failed(lanes)
         raise
     sys.stderr.flush()
     os._exit(0)  # nothing to clean up; interpreter teardown with torch loaded takes seconds on a busy machine

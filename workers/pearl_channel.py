@@ -18,6 +18,10 @@ epoch the drafter feeds seq[:M_COMMITTED] (common-prefix rollback of its KV cach
 M_COMMITTED and D_EPOCH, then drafts position D_END while D_END < M_COMMITTED + M_LOOKAHEAD, writing draft[p]
 (and its q row) before D_END = p + 1. A token finished after the target side moved to another epoch is dropped.
 Sampled drafts use noise keyed by (request seed, position) (workers/sampling.py), so a draft never depends on timing.
+
+One drafter serves several requests at once, a channel ("lane") each: every round of its loop scores the next
+position of every lane that has one in a single batched drafter forward (its own KV pool, a slot per lane), the
+drafter-side counterpart of the target's step.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 
 from .drafter_cache import DrafterCache
+from .kv import Item, forward_batch
 from .model import Model
 from .sampling import DRAFT, Noise, probs_from_logits, race
 from .types import SamplingParams
@@ -136,6 +141,10 @@ def wait_for(done, bell_fd: int, spin_s: float, gone, timeout_s: float, what: st
 
 # ---- the drafter loop (runs in the drafter process, or in a thread) ---------------------------------------------
 
+PREFILL_CHUNK = 64   # most tokens one lane feeds per drafter forward (a new request's prompt loads over several,
+                     # so the other lanes keep drafting while it does)
+
+
 def _request_params(ch: Channel) -> tuple[SamplingParams, int]:
     temperature, top_k, top_p, seed = ch.params.tolist()
     return SamplingParams(temperature=temperature, top_k=int(top_k), top_p=top_p), int(seed)
@@ -150,68 +159,107 @@ def _calibrate(model: Model) -> int:
         t0 = time.perf_counter_ns()
         float(session.forward([(7 * i) % model.vocab_size])[-1, 0])  # float(): waits for a GPU too
         times.append(time.perf_counter_ns() - t0)
+    session.release()
     return int(sorted(times[3:])[len(times[3:]) // 2])
 
 
-def serve(ch: Channel, model: Model, spin_s: float, parent_pid: int | None = None) -> None:
-    """The drafter's loop: draft ahead of the committed sequence until told to shut down."""
-    c, feeder, noise = ch.ctl, DrafterCache(model, ch.capacity), Noise("cpu")
-    c[D_CALIB_NS] = c[D_STEP_NS] = _calibrate(model)
-    c[D_READY] = 1
-    epoch, req, chain, params, seed, traced = -1, -1, [], SamplingParams(), 0, 0
-    while not c[M_SHUTDOWN]:
+class _Lane:
+    """One request's drafting on the drafter side: its channel, its slot of the drafter's KV pool, its chain."""
+
+    def __init__(self, ch: Channel, session) -> None:
+        self.ch, self.feeder = ch, DrafterCache(None, ch.capacity, session)
+        self.epoch, self.req, self.chain, self.params, self.seed, self.traced = -1, -1, [], SamplingParams(), 0, 0
+
+    def ready(self) -> bool:
+        """Follow the target side (ping, run, a new epoch); True when this lane has a position to draft."""
+        ch, c = self.ch, self.ch.ctl
         if c[M_PING] != c[D_PONG]:
             c[D_PONG] = c[M_PING]
             ch.ring_target()
         if not c[M_RUN]:
-            _idle(ch, spin_s, parent_pid)
-            continue
-        if c[M_EPOCH] != epoch:
-            epoch, n = int(c[M_EPOCH]), int(c[M_COMMITTED])  # epoch first: M_COMMITTED is stored before it
-            if c[M_REQ] != req:
-                req, (params, seed) = int(c[M_REQ]), _request_params(ch)
+            return False
+        if c[M_EPOCH] != self.epoch:
+            self.epoch, n = int(c[M_EPOCH]), int(c[M_COMMITTED])  # epoch first: M_COMMITTED is stored before it
+            if c[M_REQ] != self.req:
+                self.req, (self.params, self.seed) = int(c[M_REQ]), _request_params(ch)
             prefix = ch.seq[:n].copy()
-            feeder.rollback_to(prefix)   # common-prefix rollback on a new epoch
-            chain = prefix.tolist()
+            self.feeder.rollback_to(prefix)   # common-prefix rollback on a new epoch
+            self.chain = prefix.tolist()
             c[D_EPOCH], c[D_START], c[D_END] = -1, n, n
-            c[D_EPOCH] = epoch
-        p = len(chain)
-        if p >= ch.capacity or p >= c[M_COMMITTED] + c[M_LOOKAHEAD]:
-            _idle(ch, spin_s, parent_pid)
-            continue
-        t0 = time.monotonic_ns()
-        logits, fed = feeder.logits_after(chain)                             # [V]
-        if params.greedy:
-            token, q = int(logits.argmax()), None
-        else:
-            q = probs_from_logits(logits, params).cpu()                       # [V]
-            token = int(race(q, noise.rows(seed, [p], q.shape[-1], DRAFT)[0]))
-        t1 = time.monotonic_ns()
-        ch.trace[traced % N_TRACE] = (t0, t1, fed)
-        traced += 1
-        c[D_TRACE_N] = traced
+            c[D_EPOCH] = self.epoch
+        p = len(self.chain)
+        return p < ch.capacity and p < c[M_COMMITTED] + c[M_LOOKAHEAD]
+
+    def publish(self, token: int, q: torch.Tensor | None, fed: int, t0: int, t1: int) -> None:
+        """Trace the forward; hand the drafted token (and its q row) over unless the target side moved on."""
+        ch, c, p = self.ch, self.ch.ctl, len(self.chain)
+        ch.trace[self.traced % N_TRACE] = (t0, t1, fed)
+        self.traced += 1
+        c[D_TRACE_N] = self.traced
         if fed == 1:
             c[D_STEP_NS] = (9 * int(c[D_STEP_NS]) + (t1 - t0)) // 10
-        if c[M_EPOCH] != epoch:  # the target side moved on while this token was computed
-            continue
+        if c[M_EPOCH] != self.epoch:  # the target side moved on while this token was computed
+            return
         ch.draft[p] = token
         if q is not None:
             ch.q[p % ch.ring, : q.shape[0]] = q.numpy()
-        chain.append(token)
+        self.chain.append(token)
         c[D_END] = p + 1
         ch.ring_target()
 
 
-def _idle(ch: Channel, spin_s: float, parent_pid: int | None) -> None:
-    """Wait for the target side to change something: spin briefly, then sleep on the wake pipe."""
-    c = ch.ctl
-    snapshot = c[:8].copy()
-    spin_s = spin_s if c[M_RUN] else min(spin_s, 50e-6)  # between requests: sleep almost at once
+def serve(lanes: list[Channel], model: Model, spin_s: float, parent_pid: int | None = None,
+          chunk: int = PREFILL_CHUNK) -> None:
+    """The drafter's loop: draft ahead of every lane's committed sequence until told to shut down.
+
+    Each round scores the next position of every lane that has one in ONE drafter forward (a batch over the
+    drafter's own KV pool, a slot per lane), so requests sharing a drafter do not take turns on it."""
+    pool = model.pool(len(lanes), lanes[0].capacity)
+    state, noise = [_Lane(ch, pool.session()) for ch in lanes], Noise("cpu")
+    calib = _calibrate(model)
+    for ch in lanes:
+        ch.ctl[D_CALIB_NS] = ch.ctl[D_STEP_NS] = calib
+        ch.ctl[D_READY] = 1
+    while not any(ch.ctl[M_SHUTDOWN] for ch in lanes):
+        ready = [lane for lane in state if lane.ready()]
+        if not ready:
+            _idle(lanes, spin_s, parent_pid)
+            continue
+        t0 = time.monotonic_ns()
+        feeds = [lane.feeder.pending(lane.chain) for lane in ready]
+        items = [Item(lane.feeder.session, f[:chunk], rows="last" if len(f) <= chunk else "none")
+                 for lane, f in zip(ready, feeds)]
+        logits = forward_batch(items)
+        for lane, item in zip(ready, items):
+            lane.feeder.fed_up(item.tokens)
+        done = [(lane, len(f), lg[-1]) for lane, f, lg in zip(ready, feeds, logits) if lg is not None]
+        greedy = [i for i, (lane, _, _) in enumerate(done) if lane.params.greedy]
+        tokens: list[int | None] = [None] * len(done)
+        if greedy:   # one host sync for every greedy lane
+            picked = torch.stack([done[i][2] for i in greedy]).argmax(-1).tolist()
+            for i, token in zip(greedy, picked):
+                tokens[i] = token
+        qs: list[torch.Tensor | None] = [None] * len(done)
+        for i, (lane, _, lg) in enumerate(done):
+            if tokens[i] is None:
+                qs[i] = probs_from_logits(lg, lane.params).cpu()                           # [V]
+                tokens[i] = int(race(qs[i], noise.rows(lane.seed, [len(lane.chain)], qs[i].shape[-1], DRAFT)[0]))
+        t1 = time.monotonic_ns()
+        for (lane, fed, _), token, q in zip(done, tokens, qs):
+            lane.publish(token, q, fed, t0, t1)
+
+
+def _idle(lanes: list[Channel], spin_s: float, parent_pid: int | None) -> None:
+    """Wait for the target side to change something on any lane: spin briefly, then sleep on the wake pipes."""
+    snapshot = [ch.ctl[:8].copy() for ch in lanes]
+    spin_s = spin_s if any(ch.ctl[M_RUN] for ch in lanes) else min(spin_s, 50e-6)  # no request: sleep almost at once
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < spin_s:
-        if not np.array_equal(c[:8], snapshot):
+        if any(not np.array_equal(ch.ctl[:8], snap) for ch, snap in zip(lanes, snapshot)):
             return
-    select.select([ch.wake_r], [], [], 0.05)
-    _drain(ch.wake_r)
+    select.select([ch.wake_r for ch in lanes], [], [], 0.05)
+    for ch in lanes:
+        _drain(ch.wake_r)
     if parent_pid is not None and os.getppid() != parent_pid:  # orphaned: the serving process is gone
-        c[M_SHUTDOWN] = 1
+        for ch in lanes:
+            ch.ctl[M_SHUTDOWN] = 1

@@ -117,11 +117,11 @@ def test_seeded_samples_are_the_same_whatever_the_batch(tiny_engine):
 
     requests = [sampled(m, seed) for seed, m in enumerate(ARMS)]
     want = _alone(tiny_engine, requests)
-    # pearl's output under sampling depends on whether a drafter process was free for it (a request without one
+    # pearl's output under sampling depends on whether a drafter lane was free for it (a request without one
     # decodes draftless, which the p/q rule makes a different, equally distributed sample): the batch around it
-    # holds no other pearl request.
-    others = [m for m in ARMS if m != "pearl"]
-    noise = [sampled(m, 100 + i, 9 + 5 * i) for i, m in enumerate(others)]
+    # holds one other pearl request, so both get a lane of the drafter (PearlConfig.lanes = 4) and share its
+    # batched forwards.
+    noise = [sampled(m, 100 + i, 9 + 5 * i) for i, m in enumerate(ARMS)]
     noise += [r for r in _mixed(TEXTS[:2]) if r.method != "pearl"]
     got = [r.token_ids for r in tiny_engine.generate_many(noise + requests)][len(noise):]
     assert got == want

@@ -18,6 +18,7 @@ from metaspec.workers.decode import decode
 from metaspec.workers.engine import Chunk, Request, Result
 from metaspec.workers.model import ModelConfig, load_model
 from metaspec.workers.pearl import M_RUN, DrafterGone, PearlConfig, pool_for
+from metaspec.workers.pearl_channel import D_TRACE_N, N_TRACE
 from metaspec.workers.registry import ArmContext, build
 from metaspec.workers.types import DecodeStats, SamplingParams
 
@@ -58,8 +59,8 @@ def test_greedy_equals_ar_and_drafts_come_from_a_pinned_drafter_process(tiny_eng
         assert have.stats.fallback is None
         drafted += have.stats.drafted
     assert drafted > 0
-    (drafter,) = _pool(tiny_engine).drafters
-    assert drafter.pid != os.getpid() and drafter.alive()
+    (drafter,) = _pool(tiny_engine).processes
+    assert drafter.pid != os.getpid() and drafter.gone() is None
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) > 1:
         assert os.sched_getaffinity(drafter.pid) == {cpus[-1]}
@@ -119,7 +120,7 @@ def test_drafter_killed_mid_request_falls_back_to_ar_and_restarts(tiny_engine):
     want = _generate(tiny_engine, "ar", prompt)
     _generate(tiny_engine, "pearl", prompt)                 # the pool's drafter is up
     pool = _pool(tiny_engine)
-    (victim,) = pool.drafters
+    (victim,) = pool.processes
     out, result = [], None
     for i, item in enumerate(tiny_engine.stream(Request(prompt=prompt, params=GREEDY, method="pearl"))):
         if isinstance(item, Chunk):
@@ -132,14 +133,14 @@ def test_drafter_killed_mid_request_falls_back_to_ar_and_restarts(tiny_engine):
     assert "died" in result.stats.fallback
     after = _generate(tiny_engine, "pearl", prompt)        # a fresh drafter serves the next request
     assert after.token_ids == want.token_ids and after.stats.fallback is None and after.stats.drafted > 0
-    (fresh,) = pool.drafters
+    (fresh,) = pool.processes
     assert fresh.pid != victim.pid and victim.proc.poll() == -signal.SIGKILL
 
 
 def test_abandoned_request_gives_its_drafter_back(tiny_engine):
     pool = _pool(tiny_engine)
     _generate(tiny_engine, "pearl", PROMPTS[1])
-    (drafter,) = pool.drafters
+    (process,), drafter = pool.processes, pool.drafters[0]   # the lane the next request leases
     long = SamplingParams(max_tokens=400, ignore_eos=True)
     stream = tiny_engine.stream(Request(prompt=PROMPTS[0], params=long, method="pearl"))
     next(stream), next(stream)                              # the second step is the first one the drafter serves
@@ -150,28 +151,50 @@ def test_abandoned_request_gives_its_drafter_back(tiny_engine):
         time.sleep(0.01)
     assert not drafter.leased and drafter.ch.ctl[M_RUN] == 0
     result = _generate(tiny_engine, "pearl", PROMPTS[1])
-    assert result.stats.fallback is None and pool.drafters == [drafter]
+    assert result.stats.fallback is None and pool.processes == [process]
 
 
-def test_concurrent_requests_never_fail_and_stay_exact(tiny_engine):
-    """One drafter serves one request: a second request at the same time decodes without drafts, exactly."""
-    long = SamplingParams(max_tokens=300, ignore_eos=True)   # still running when the second one is set up
-    requests = [Request(prompt=PROMPTS[0], params=long, method="pearl"),
-                Request(prompt=PROMPTS[2], params=GREEDY, method="pearl")]
+def test_concurrent_requests_share_one_drafter_batched_and_stay_exact(tiny_engine):
+    """Requests at the same time each lease a lane of one drafter, which drafts for all of them in one forward
+    per position: every output equals AR, every request drafted, and the drafter's traces show shared forwards."""
+    long = SamplingParams(max_tokens=120, ignore_eos=True)   # all three run at once for most of their steps
+    requests = [Request(prompt=p, params=long, method="pearl") for p in PROMPTS]
     want = [tiny_engine.generate(Request(prompt=r.prompt, params=r.params, method="ar")).token_ids for r in requests]
+    pool = _pool(tiny_engine)
+    before = {id(d): int(d.ch.ctl[D_TRACE_N]) for d in pool.drafters}
     results = tiny_engine.generate_many(requests)
     assert [r.token_ids for r in results] == want
-    fallbacks = [(r.stats.fallback or "") for r in results]
-    # the second request finds the drafter busy, unless the machine stalled the first past preempt_idle_s
-    assert "another request" in fallbacks[1] or "taken back" in fallbacks[0], fallbacks
+    assert all(r.stats.fallback is None and r.stats.drafted > 0 for r in results), [r.stats for r in results]
+    assert len(pool.processes) == 1
+    forwards = [{tuple(d.ch.trace[i % N_TRACE, :2].tolist()) for i in range(before.get(id(d), 0),
+                                                                            int(d.ch.ctl[D_TRACE_N]))}
+                for d in pool.drafters]
+    shared = [len(a & b) for i, a in enumerate(forwards) for b in forwards[i + 1:]]
+    assert max(shared) > 0, "no drafter forward served two requests at once"
 
 
-def test_requests_set_up_at_once_never_share_a_drafter(tiny_pair):
-    """Requests are set up on several threads at once: however their lease() calls interleave, a drafter goes to
+def test_one_lane_per_drafter_sends_the_second_request_without_drafts(tiny_pair):
+    """lanes=1, max_drafters=1: a second request at the same time decodes without drafts, exactly."""
+    target, drafter = load_model(ModelConfig(tiny_pair.target)), load_model(ModelConfig(tiny_pair.drafter))
+    cfg = PearlConfig(runner="thread", lanes=1)
+    try:
+        first = build("pearl", ArmContext(target=target, params=GREEDY, drafter=drafter,
+                                          resources={"pearl_config": cfg}))
+        second = build("pearl", ArmContext(target=target, params=GREEDY, drafter=drafter,
+                                           resources={"pearl_config": cfg}))
+        assert first.d is not None and second.d is None
+        with pytest.raises(DrafterGone, match="another request"):
+            second.propose([5, 6, 7], 4)
+    finally:
+        pool_for(drafter, cfg).shutdown()
+
+
+def test_requests_set_up_at_once_never_share_a_lane(tiny_pair):
+    """Requests are set up on several threads at once: however their lease() calls interleave, each lane goes to
     one of them (the others get None), and the pool never starts more than max_drafters (two holders of one
     drafter drove its channel together and stalled the step loop; seen in the soak)."""
     drafter = load_model(ModelConfig(tiny_pair.drafter))
-    pool = pool_for(drafter, PearlConfig(runner="thread", max_drafters=1, preempt_idle_s=60.0))
+    pool = pool_for(drafter, PearlConfig(runner="thread", max_drafters=1, lanes=2, preempt_idle_s=60.0))
     try:
         for _ in range(5):
             start = threading.Barrier(6)
@@ -182,8 +205,9 @@ def test_requests_set_up_at_once_never_share_a_drafter(tiny_pair):
 
             with ThreadPoolExecutor(6) as ex:
                 got = [lease for lease in ex.map(lambda _: lease(), range(6)) if lease is not None]
-            assert len(got) == 1 and len(pool.drafters) == 1, (got, pool.drafters)
-            pool.release(*got[0])
+            assert len(got) == 2 and len({id(d) for d, _ in got}) == 2 and len(pool.processes) == 1, got
+            for lease in got:
+                pool.release(*lease)
     finally:
         pool.shutdown()
 
@@ -193,7 +217,7 @@ def test_a_lease_taken_back_during_setup_stays_with_its_new_holder(tiny_pair, mo
     the lease back meanwhile, the first must keep the lease id it was given, not the new holder's (then both held
     "the" lease and drove one channel together: the soak's stalled step loop)."""
     target, drafter = load_model(ModelConfig(tiny_pair.target)), load_model(ModelConfig(tiny_pair.drafter))
-    cfg = PearlConfig(runner="thread", preempt_idle_s=0.0)
+    cfg = PearlConfig(runner="thread", lanes=1, preempt_idle_s=0.0)   # one lane: the four contend for it
     pool = pool_for(drafter, cfg)
     real_speed = type(pool).speed
     monkeypatch.setattr(type(pool), "speed", lambda self, t, d: (time.sleep(0.05), real_speed(self, t, d))[1])
@@ -213,7 +237,7 @@ def test_a_lease_taken_back_during_setup_stays_with_its_new_holder(tiny_pair, mo
 
 def test_a_stale_lease_is_taken_back_and_its_holder_stops_drafting(tiny_pair):
     target, drafter = load_model(ModelConfig(tiny_pair.target)), load_model(ModelConfig(tiny_pair.drafter))
-    cfg = PearlConfig(preempt_idle_s=0.0)
+    cfg = PearlConfig(preempt_idle_s=0.0, lanes=1)   # one lane: the second request must take it back
     prompt = [5, 6, 7, 8, 9, 10]
     first = _run(target, drafter, GREEDY, prompt, cfg=cfg)  # its proposer is still referenced here
     second = _run(target, drafter, GREEDY, prompt, cfg=cfg)
@@ -225,7 +249,7 @@ def test_a_stale_lease_is_taken_back_and_its_holder_stops_drafting(tiny_pair):
 def test_drafter_processes_end_with_their_model(tiny_pair):
     target, drafter = load_model(ModelConfig(tiny_pair.target)), load_model(ModelConfig(tiny_pair.drafter))
     _run(target, drafter, SamplingParams(max_tokens=8), [5, 6, 7])
-    (proc,) = [d.proc for d in pool_for(drafter, PearlConfig()).drafters]
+    (proc,) = [p.proc for p in pool_for(drafter, PearlConfig()).processes]
     assert proc.poll() is None
     del drafter
     gc.collect()
