@@ -120,7 +120,8 @@ def _worker(pool: PoolSpec) -> Application:
     group = {"placement_group_bundles": [dict(b) for b in pool.placement_bundles],
              "placement_group_strategy": pool.placement_strategy} if pool.placement_bundles else {}
     own = pool.drafter_bundle is not None
-    pearl = PearlConfig(runner="process", drafter_device=pool.drafter_device) if own else None
+    pearl = (PearlConfig(runner="process", drafter_device=pool.drafter_device, lanes=pool.pearl_lanes) if own
+             else PearlConfig(lanes=pool.pearl_lanes))
     cfg = worker_config(pool.name, pool.target, pool.drafter, pool.tokenizer, pool.dtype, pool.device, pool.threads,
                         pool.k_max, store_config(pool.tables), pearl, pool.drafter_bundle, batch=batch_config(pool))
     return DecodeWorker.options(name=f"DecodeWorker-{pool.name}", num_replicas=pool.num_replicas,
