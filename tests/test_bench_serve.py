@@ -99,3 +99,30 @@ def test_closed_loop_keeps_at_most_n_in_flight_and_poisson_offsets_increase():
     assert len(traces) == 12 and peak[0] <= 3
     offsets = arrival_offsets(20, 10.0, seed=0)
     assert offsets[0] == 0.0 and all(b > a for a, b in zip(offsets, offsets[1:]))
+
+
+def test_a_method_may_carry_an_arms_settings():
+    from metaspec.bench.backends import arm_variant
+
+    assert arm_variant("pearl:lanes=1") == ("pearl", {"lanes": 1}) and arm_variant("sps") == ("sps", {})
+    for bad in ("pearl:lanes=0", "pearl:lanes=x", "pearl:gamma=2", "sps:lanes=2", "pearl:lanes"):
+        with pytest.raises(ValueError, match="not a setting"):
+            arm_variant(bad)
+
+
+def test_pearl_lanes_variant_sets_the_drafter_for_its_load(tiny_pair):
+    from metaspec.bench.backends import EngineBackend
+    from metaspec.bench.load import ServeRequest
+    from metaspec.workers.pearl import PearlConfig
+
+    engine = make_engine(tiny_pair)
+    try:
+        backend = EngineBackend(engine)
+        request = ServeRequest("p", "c", "text", tuple(range(5, 25)))
+        trace = backend.sender("pearl:lanes=2", 12, True)(request)
+        assert engine.resources["pearl_config"] == PearlConfig(lanes=2)
+        assert trace.tokens == 12 and trace.drafts > 0          # it ran pearl, with drafts
+        backend.sender("pearl", 12, True)
+        assert engine.resources["pearl_config"] == PearlConfig()  # a plain name gets the defaults back
+    finally:
+        engine.close()

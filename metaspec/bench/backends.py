@@ -44,6 +44,23 @@ def build_engine(spec: EngineSpec):
     return engine
 
 
+VARIANT_OPTIONS = {"pearl": ("lanes",)}   # arm -> settings a method name may carry ("pearl:lanes=1")
+
+
+def arm_variant(method: str) -> tuple[str, dict[str, int]]:
+    """'pearl:lanes=1' -> ('pearl', {'lanes': 1}): an arm run with settings of its own (engine backend), so two
+    settings of one arm can be measured in the same run; a plain name has none."""
+    name, _, rest = method.partition(":")
+    opts: dict[str, int] = {}
+    for part in filter(None, rest.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq or key not in VARIANT_OPTIONS.get(name, ()) or not value.isdigit() or int(value) < 1:
+            allowed = ", ".join(f"{a}:{k}=N" for a, keys in VARIANT_OPTIONS.items() for k in keys)
+            raise ValueError(f"method {method!r}: {part!r} is not a setting it takes (settings: {allowed})")
+        opts[key] = int(value)
+    return name, opts
+
+
 class EngineBackend:
     """The replica in this process: requests go through `Engine.submit`, text is assembled by each client thread
     (as the service's worker does); chunk times are taken when the step loop emits them."""
@@ -70,8 +87,13 @@ class EngineBackend:
         from metaspec.workers.engine import Request
         from metaspec.workers.types import SamplingParams
 
+        from metaspec.workers.pearl import PearlConfig
+
+        name, opts = arm_variant(method) if method else (None, {})
+        if name == "pearl":   # this load's drafter settings (a plain "pearl" gets the defaults back)
+            self.engine.resources["pearl_config"] = PearlConfig(**opts)
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=0, ignore_eos=ignore_eos)
-        return lambda r: self._send(Request(prompt_ids=r.ids, params=params, method=method))
+        return lambda r: self._send(Request(prompt_ids=r.ids, params=params, method=name))
 
     def _send(self, request) -> Trace:
         events: queue.SimpleQueue = queue.SimpleQueue()

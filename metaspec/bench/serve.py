@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from metaspec.bench import report
-from metaspec.bench.backends import EngineBackend, EngineSpec, GrpcBackend, OpenAIBackend, build_engine
+from metaspec.bench.backends import EngineBackend, EngineSpec, GrpcBackend, OpenAIBackend, arm_variant, build_engine
 from metaspec.bench.load import ServeRequest, Trace, closed_loop, poisson
 from metaspec.prompts import CATEGORIES, find_data_dir, load_prompts, sample_prompts
 
@@ -200,7 +200,12 @@ def open_backend(cfg: ServeConfig, engine=None):
 
 def check_methods(cfg: ServeConfig, backend) -> list[str]:
     known = backend.methods()
-    if known and (missing := [m for m in cfg.methods if m != AUTO and m not in known]):
+    variants = [m for m in cfg.methods if ":" in m]
+    if variants and backend.name != "engine":
+        raise ValueError(f"methods {variants} carry settings, which only the engine backend applies")
+    for m in variants:
+        arm_variant(m)    # raises on a setting the arm does not take
+    if known and (missing := [m for m in cfg.methods if m != AUTO and m.partition(":")[0] not in known]):
         raise ValueError(f"methods {missing} cannot run on this {backend.name} backend; available: {', '.join(known)}")
     return list(dict.fromkeys(cfg.methods))
 
