@@ -168,3 +168,24 @@ def test_loaded_lean_model_matches_hf_from_disk(tmp_path):
     tokens = _tokens(25, seed=12)
     got = load_model(ModelConfig(str(tmp_path))).session(32).forward(tokens)
     assert _max_diff(got, _hf_logits(hf, tokens)) < FP32_ATOL
+
+
+@pytest.mark.parametrize("drafting", [1, 2, 5, 6])
+def test_a_drafts_logits_do_not_depend_on_how_attention_is_split(drafting):
+    """Six sequences in one forward, `drafting` of them scoring a 4-token draft, the rest one token: with few drafts
+    each gets an attention call of its own (no padding of the decoding rows), with many one padded call serves
+    all. Either way every item's logits equal HF's over its whole sequence."""
+    from metaspec.workers.kv import Item, forward_batch
+    from metaspec.workers.lean import _parts
+
+    hf = _llama("gqa")
+    pool = LeanLlama(hf, prepack=False).pool(6, 64)
+    prompts = [_tokens(7 + 3 * i, seed=20 + i) for i in range(6)]
+    sessions = [pool.session() for _ in prompts]
+    forward_batch([Item(s, p, rows="none") for s, p in zip(sessions, prompts)])
+    new = [_tokens(4 if i < drafting else 1, seed=40 + i) for i in range(6)]
+    items = [Item(s, t) for s, t in zip(sessions, new)]
+    split = len(_parts(items)) > 1
+    assert split == (2 * drafting <= 6)
+    for p, t, logits in zip(prompts, new, forward_batch(items)):
+        assert _max_diff(logits, _hf_logits(hf, p + t)[len(p):]) < FP32_ATOL
