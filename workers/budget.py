@@ -92,6 +92,67 @@ def default_curve(one_token_s: float = 0.0026) -> CostCurve:
 
 
 @dataclass(frozen=True)
+class AttentionCost:
+    """What drafts add to a step's attention (workers/lean.py `_parts`), measured on the replica's pool.
+
+    With drafts in at most half of the step's decoding requests, each draft gets an attention call of its own:
+    `split_s` per drafting request at `context` cached tokens (scaled by its own context). With more, one call pads
+    every request's queries to the longest draft: `pad_s` per padded query row per cached token of the longest
+    sequence. Both are on top of the GEMM rows the cost curve prices; `row_s` (per decoding request per cached
+    token) is the attention every step pays anyway, which sets how much a step's time a draft adds to."""
+
+    split_s: float = 0.0
+    pad_s: float = 0.0
+    context: int = 1
+    row_s: float = 0.0
+
+    def extra(self, rows: int, drafting: int, split_keys: int, longest: int, keys: int) -> float:
+        """Seconds drafts add: `drafting` of `rows` decoding requests draft, the longest draft scoring `longest`
+        query rows, `split_keys` = the drafting requests' cached tokens summed, `keys` = the longest cache."""
+        if drafting == 0:
+            return 0.0
+        if 2 * drafting <= rows:
+            return self.split_s * split_keys / self.context
+        return self.pad_s * rows * (longest - 1) * keys
+
+    @staticmethod
+    def measure(pool, vocab: int, curve: CostCurve, rows: int = 8, context: int = 256,
+                rounds: int = 5) -> AttentionCost:
+        """Time `rows` sequences of `context` tokens scoring one token each, then one of them a 2-token draft
+        (split), then all of them (padded); each keeps its fastest round, less the GEMM rows the curve prices."""
+        from .kv import Item, forward_batch
+
+        rows, context = min(rows, pool.slots), max(1, min(context, pool.slot_tokens // 2))
+        if rows < 2:
+            return AttentionCost()
+        sessions = [pool.session() for _ in range(rows)]
+        best = [float("inf")] * 3
+        try:
+            for i, s in enumerate(sessions):
+                s.bind()
+                forward_batch([Item(s, [(7 * j + i) % vocab for j in range(context)], rows="none")])
+            shapes = ([1] * rows, [2] + [1] * (rows - 1), [2] * rows)
+            for r in range(rounds + 1):
+                for k, shape in enumerate(shapes):
+                    t0 = time.perf_counter()
+                    out = forward_batch([Item(s, [(5 * j + r) % vocab for j in range(n)], rows="last")
+                                         for s, n in zip(sessions, shape)])
+                    float(out[-1][-1, 0])                                # waits for an accelerator too
+                    elapsed = time.perf_counter() - t0
+                    for s in sessions:
+                        s.rollback(context)
+                    best[k] = min(best[k], elapsed) if r else best[k]   # round 0 warms up
+        finally:
+            for s in sessions:
+                s.release()
+        gemm = lambda n: curve.time(rows + n) - curve.time(rows)        # noqa: E731
+        split = max(0.0, best[1] - best[0] - gemm(1))
+        pad = max(0.0, best[2] - best[0] - gemm(rows)) / (rows * (context + 2))
+        row = max(0.0, best[0] - curve.time(rows)) / (rows * (context + 1))
+        return AttentionCost(split, pad, context, row)
+
+
+@dataclass(frozen=True)
 class Ask:
     """One decoding request's part in a step's plan."""
 
@@ -99,12 +160,16 @@ class Ask:
     limit: int            # draft tokens it may get at most (its room, or the length of its draft)
     cost_s: float = 0.0   # what drafting one more token costs its arm (0 for table lookups)
     fixed: int = 0        # draft tokens it scores whatever the plan (a sampled drafter's draft is never cut)
+    context: int = 0      # tokens it has cached (what its attention reads)
 
 
-def plan(asks: list[Ask], base_tokens: int, curve: CostCurve) -> list[int]:
+def plan(asks: list[Ask], base_tokens: int, curve: CostCurve, attention: AttentionCost | None = None,
+         rows: int | None = None, cached: int = 0) -> list[int]:
     """Draft tokens per request: greedy by acceptance probability while expected tokens per second rises.
 
-    `base_tokens`: what the step scores anyway (each request's last token, prefill chunks).
+    `base_tokens`: what the step scores anyway (each request's last token, prefill chunks); `attention` prices
+    what drafts add to the step's attention, `rows` = the step's decoding requests (default: the asks) and `cached`
+    the tokens they hold (the attention the step pays without drafts).
 
     >>> curve = CostCurve((1, 8, 64), (1.0, 1.4, 4.1))
     >>> plan([Ask(0.8, 8)], 1, curve)                      # alone: a long draft is nearly free
@@ -112,19 +177,31 @@ def plan(asks: list[Ask], base_tokens: int, curve: CostCurve) -> list[int]:
     >>> plan([Ask(0.8, 8)] * 32, 32, curve)[:3]             # at batch 32 each token costs real time
     [1, 1, 1]
     """
+    att, rows = attention or AttentionCost(), len(asks) if rows is None else rows
     caps = [a.fixed for a in asks]
+    keys = max((a.context for a in asks), default=0)
+    drafting = sum(1 for c in caps if c)
+    split_keys = sum(a.context for a, c in zip(asks, caps) if c)
+    longest = 1 + max(caps, default=0)
     tokens = base_tokens + sum(caps)
     emitted = float(len(asks)) + sum(expected_tokens(a.alpha, a.fixed) - 1 for a in asks)
-    seconds = curve.time(tokens)
+    attn = att.extra(rows, drafting, split_keys, longest, keys)
+    seconds = curve.time(tokens) + att.row_s * cached + attn
     heap = [(-(a.alpha ** (a.fixed + 1)), i) for i, a in enumerate(asks) if a.fixed < a.limit and a.alpha > 0]
     heapq.heapify(heap)
     while heap:
         neg_p, i = heapq.heappop(heap)
-        p, extra = -neg_p, curve.time(tokens + 1) - curve.time(tokens) + asks[i].cost_s
+        new = caps[i] == 0
+        d, sk = drafting + new, split_keys + (asks[i].context if new else 0)
+        lg = max(longest, caps[i] + 2)
+        attn_after = att.extra(rows, d, sk, lg, keys)
+        p = -neg_p
+        extra = curve.time(tokens + 1) - curve.time(tokens) + asks[i].cost_s + attn_after - attn
         if (emitted + p) * seconds <= emitted * (seconds + extra):   # this token would lower tokens per second
             continue
         caps[i] += 1
         tokens, emitted, seconds = tokens + 1, emitted + p, seconds + extra
+        drafting, split_keys, longest, attn = d, sk, lg, attn_after
         if caps[i] < asks[i].limit:
             heapq.heappush(heap, (-(p * asks[i].alpha), i))
     return caps

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .constraint import ConstraintConfig, GrammarCompiler
-from .budget import CostCurve
+from .budget import AttentionCost, CostCurve
 from .detokenize import Detokenizer
+from .lean import LeanPool
 from .model import Model, ModelConfig, load_model
 from .registry import ArmContext, arms, build
 from .request import Chunk, Request, RequestStats, Result   # torch-free (the router's view); re-exported
@@ -68,6 +69,9 @@ class Engine:
         self.scheduler = Scheduler(Noise(self.target.device), self.eos_ids, cfg.batch, cfg.k_max)
         if cfg.batch.draft_budget:   # the forward's cost against tokens scored, on this replica's hardware
             self.scheduler.curve = CostCurve.measure(self.pool, self.target.vocab_size)
+            if isinstance(self.pool, LeanPool):   # the forward whose attention calls drafts change (lean.py)
+                self.scheduler.attention = AttentionCost.measure(self.pool, self.target.vocab_size,
+                                                                 self.scheduler.curve)
         self._stop = threading.Event()
         self._loop = threading.Thread(target=self.scheduler.run, args=(self._stop,), daemon=True,
                                       name="metaspec-step-loop")

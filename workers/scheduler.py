@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .budget import Ask, CostCurve, default_curve, plan
+from .budget import AttentionCost, Ask, CostCurve, default_curve, plan
 from .draft_length import Acceptance
 from .errors import QueueFull
 from .kv import Item, SlotSession, forward_batch
@@ -103,6 +103,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.metrics = StepMetrics()
         self.curve: CostCurve = default_curve()     # the engine replaces it with one measured at start
+        self.attention = AttentionCost()            # what drafts add to attention (measured at start; 0 = ignored)
         self._wake = threading.Condition()
 
     # --- the client side (any thread) ---------------------------------------------------------------------
@@ -239,9 +240,10 @@ class Scheduler:
         cost = [getattr(s.proposer, "draft_cost_s", 0.0) for s in decoding]
         planned = [i for i, s in enumerate(decoding) if (s.drafted_last or (cost[i] > 0 and s.params.greedy))
                    and not (s.soft_drafts and not s.params.greedy)]
-        asks = [Ask(decoding[i].acceptance.alpha, free, cost[i]) for i in planned]
+        asks = [Ask(decoding[i].acceptance.alpha, free, cost[i], context=decoding[i].session.length) for i in planned]
         caps = [free] * len(decoding)
-        for i, cap in zip(planned, plan(asks, base_tokens, self.curve)):
+        cached = sum(s.session.length for s in decoding)
+        for i, cap in zip(planned, plan(asks, base_tokens, self.curve, self.attention, len(decoding), cached)):
             caps[i] = cap
         return caps
 
@@ -252,9 +254,12 @@ class Scheduler:
             return drafts
         fixed = [len(d.tokens) if forced.get(id(s)) or (d.probs is not None and not s.params.greedy) else 0
                  for s, d in zip(decoding, drafts)]
-        asks = [Ask(s.acceptance.alpha, len(d.tokens), 0.0, f) for s, d, f in zip(decoding, drafts, fixed)]
+        asks = [Ask(s.acceptance.alpha, len(d.tokens), 0.0, f, s.session.length)
+                for s, d, f in zip(decoding, drafts, fixed)]
+        cached = sum(a.context for a in asks)
         out = []
-        for s, d, keep in zip(decoding, drafts, plan(asks, base_tokens, self.curve)):
+        for s, d, keep in zip(decoding, drafts, plan(asks, base_tokens, self.curve, self.attention, len(decoding),
+                                                     cached)):
             if keep < len(d.tokens):
                 s.stats.budget_cut += len(d.tokens) - keep
                 s.stats.budget_reason = (f"batch of {len(decoding)}: {len(d.tokens)} drafted, {keep} worth their "

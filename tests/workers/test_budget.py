@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from metaspec.workers.budget import Ask, CostCurve, default_curve, plan
+from metaspec.workers.budget import AttentionCost, Ask, CostCurve, default_curve, plan
 from metaspec.workers.engine import Request
 from metaspec.workers.scheduler import SchedulerConfig
 from metaspec.workers.types import SamplingParams
@@ -47,6 +47,25 @@ def test_curve_interpolates_and_extrapolates():
     assert default_curve(1.0).time(64) == pytest.approx(4.08)
 
 
+# one-token step = 1.0; each request's cache costs 0.01 per 100 tokens; a padded query row 1/3 of that
+ATTENTION = AttentionCost(split_s=0.05, pad_s=0.0001 / 3, context=100, row_s=0.0001)
+
+
+def test_attention_extra_follows_the_forwards_split():
+    assert ATTENTION.extra(16, 0, 0, 1, 300) == 0.0
+    assert ATTENTION.extra(16, 2, 600, 5, 300) == pytest.approx(2 * 0.05 * 3)       # a call per draft
+    assert ATTENTION.extra(16, 9, 2700, 3, 300) == pytest.approx(0.0001 / 3 * 16 * 2 * 300)   # all padded
+
+
+def test_padding_every_request_to_a_draft_is_priced():
+    """At 16 requests over long caches, one draft token each pads all 16 queries: with attention priced fewer
+    requests draft, and fewer tokens in all, than with the GEMM rows alone."""
+    asks = [Ask(0.7, 8, context=300)] * 16
+    priced, rows_only = plan(asks, 16, CURVE, ATTENTION, 16, 16 * 300), plan(asks, 16, CURVE)
+    assert sum(priced) < sum(rows_only) and sum(1 for c in priced if c) < 16, (priced, rows_only)
+    assert plan([Ask(0.8, 8, context=300)], 1, CURVE, ATTENTION, 1, 300)[0] >= 6   # alone: still nearly free
+
+
 @pytest.fixture(scope="module")
 def budget_engine(tiny_pair):
     """The tiny engine with the draft budget on (the shared fixture has it off)."""
@@ -58,6 +77,8 @@ def budget_engine(tiny_pair):
 def test_the_measured_curve_never_decreases(budget_engine):
     c = budget_engine.scheduler.curve
     assert list(c.seconds) == sorted(c.seconds) and c.tokens[0] == 1 and c.seconds[0] > 0
+    a = budget_engine.scheduler.attention        # measured on the same pool: finite, non-negative, scaled
+    assert a.context > 1 and min(a.split_s, a.pad_s, a.row_s) >= 0
     assert budget_engine.pool.free == budget_engine.pool.slots      # measuring gave every slot back
 
 
