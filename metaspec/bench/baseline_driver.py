@@ -65,7 +65,9 @@ def _one(engine, decode: ThreadPoolExecutor, ids: list[int], method: str | None,
                 trace["t_chunks"].append(t)
                 trace["n_chunks"].append(len(item.token_ids))
             elif not isinstance(item, Chunk):
-                trace["drafts"], trace["accepted"] = item.stats.drafts, item.stats.accepted
+                stats = item.stats   # a RequestStats record, or a dict on trees from before it
+                get = stats.get if isinstance(stats, dict) else (lambda k, _=0: getattr(stats, k))
+                trace["drafts"], trace["accepted"] = get("drafts", 0), get("accepted", 0)
     except Exception as exc:  # noqa: BLE001 - a failed request is a failed trace
         trace["error"] = f"{type(exc).__name__}: {exc}"
     finally:

@@ -76,7 +76,8 @@ class ServeConfig:
 # ---- prompts -----------------------------------------------------------------------------------------------
 
 def mix_prompts(cfg: ServeConfig, tokenizer) -> list[ServeRequest]:
-    """num_prompts prompts, categories alternating (cycled when the data holds fewer), tokenised and cut."""
+    """num_prompts prompts, categories alternating (cycled when the data holds fewer), tokenised and cut to the
+    last max_prompt_tokens (the text too: what a text backend sends is the cut prompt, decoded)."""
     data_dir = Path(cfg.data_dir) if cfg.data_dir else find_data_dir()
     cats = cfg.categories or CATEGORIES
     per = -(-cfg.num_prompts // len(cats))
@@ -88,8 +89,12 @@ def mix_prompts(cfg: ServeConfig, tokenizer) -> list[ServeRequest]:
     out = []
     for i in range(cfg.num_prompts):
         p = mixed[i % len(mixed)]
-        ids = tokenizer.encode(p.text, add_special_tokens=False)[-cfg.max_prompt_tokens:]
-        out.append(ServeRequest(p.prompt_id, p.category, p.text, tuple(ids)))
+        ids = tokenizer.encode(p.text, add_special_tokens=False)
+        text = p.text
+        if len(ids) > cfg.max_prompt_tokens:   # backends that send text send the same cut prompt
+            ids = ids[-cfg.max_prompt_tokens:]
+            text = tokenizer.decode(ids)
+        out.append(ServeRequest(p.prompt_id, p.category, text, tuple(ids)))
     return out
 
 

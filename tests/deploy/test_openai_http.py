@@ -301,3 +301,27 @@ def test_cli_generate_against_the_service(service, capsys, monkeypatch):
     record = json.loads(line)
     assert rc == 0 and re.fullmatch("[a-z]{4}", record["text"]) and record["pool"] == "a"
     assert record["finish_reason"] == "stop" and record["acceptance"]["acceptance_length"] >= 1
+
+
+@pytest.mark.parametrize("backend", ["openai", "grpc"])
+def test_bench_serve_drives_the_running_service(service, tiny_pair, backend):
+    """`metaspec bench serve --backend openai --base-url ...` (and `--backend grpc --server ...`): the same
+    workload and metrics through the running service; every request gets its max_tokens, the named arm serves."""
+    from metaspec.bench.backends import EngineSpec
+    from metaspec.bench.serve import ServeConfig, run_serve
+
+    from ..conftest import data_dir
+
+    if data_dir() is None:
+        pytest.skip("the shared evaluation data is not on this machine")
+    where = {"base_url": service["base_url"]} if backend == "openai" else {"server": service["grpc"]}
+    cfg = ServeConfig(backend=backend, **where, api_key=KEY, engine=EngineSpec(target=tiny_pair.target, drafter=None),
+                      methods=("ar", "sps"), concurrency=(1,), num_prompts=3, max_tokens=8, max_prompt_tokens=48,
+                      data_dir=str(data_dir()), progress=False, warmup=False)
+    result = run_serve(cfg)
+    records = {r["method"]: r for r in result["records"]}
+    errors = [e for run in result["runs"] for e in run["errors"]]
+    assert set(records) == {"ar", "sps"} and not errors, errors
+    for r in records.values():
+        assert r["failed"] == 0 and r["requests"] == 3 and r["output_tokens_per_s"] > 0, r
+        assert r["output_tokens"] == 3 * 8, r
