@@ -58,6 +58,32 @@ def data_dir() -> Path | None:
     return None
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback port free now, below the kernel's ephemeral range (32768+, where every bind(0) of Ray's own
+    processes lands) and above Ray's worker ports (10002-19999): a port taken with bind(0) and handed to Serve
+    seconds later could meanwhile go to one of Ray's processes (CI: "Failed to bind to address
+    127.0.0.1:44899"). Never the same port twice in one test run."""
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 32000)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError("no free loopback port in 20000-32000")
+
+
 def read_jsonl(path: Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]

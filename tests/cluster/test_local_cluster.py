@@ -10,7 +10,6 @@ naming that arm are bound to it). The last test removes the L4 node.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from metaspec.cluster.placement import drafter_visible_devices
 from metaspec.deploy.app import ServeOptions, start
 from metaspec.deploy.config import load_app_config
 from metaspec.protocol.client import Client, ServiceError
+from ..conftest import free_port
 
 APP = "metaspec-cluster-test"
 HEAD = FakeNode(num_cpus=1, resources={"ingress": 1.0})
@@ -40,9 +40,7 @@ class Service:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture(scope="module")

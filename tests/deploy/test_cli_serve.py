@@ -17,12 +17,11 @@ import yaml
 
 from metaspec.protocol.client import Client, ServiceError
 from metaspec.workers.outcome_log import outcome_files, read_outcomes
+from ..conftest import free_port
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 def _session_pids(sid: int) -> list[int]:

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from metaspec.protocol.types import Constraint
 from metaspec.workers.outcome_log import gather_cluster, outcome_files, read_outcomes
 
 from .conftest import QUICK_SHUTDOWN, stop_serve
+from ..conftest import free_port
 
 KEY = "test-key-1"
 APP = "metaspec-test"
@@ -61,9 +61,7 @@ def release_disk(path: Path) -> None:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 class RedisServer:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -26,15 +25,12 @@ from metaspec.workers.store import (AdjacencyTable, Keys, NgramConfig, NgramTabl
 from metaspec.workers.store.ngram import add_count, merge_rows, row_from_bytes
 from metaspec.workers.store.sync import make_client
 from metaspec.workers.types import SamplingParams
+from ..conftest import free_port
 
 REDIS_BIN = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_BIN is None, reason="redis-server is not installed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
