@@ -187,8 +187,8 @@ class _Lane:
             self.chain = prefix.tolist()
             c[D_EPOCH], c[D_START], c[D_END] = -1, n, n
             c[D_EPOCH] = self.epoch
-        p = len(self.chain)
-        return p < ch.capacity and p < c[M_COMMITTED] + c[M_LOOKAHEAD]
+        p = len(self.chain)   # an empty sequence has nothing to draft after (and must not fail the other lanes)
+        return 0 < p < ch.capacity and p < c[M_COMMITTED] + c[M_LOOKAHEAD]
 
     def publish(self, token: int, q: torch.Tensor | None, fed: int, t0: int, t1: int) -> None:
         """Trace the forward; hand the drafted token (and its q row) over unless the target side moved on."""
