@@ -50,17 +50,23 @@ class CostCurve:
         context = max(1, min(context, capacity // 4))
         sizes = tuple(n for n in sizes if context + n <= capacity) or (1,)
         s = pool.session(capacity)
-        best = [float("inf")] * len(sizes)
         try:
             s.bind()
             forward_batch([Item(s, [(7 * i) % vocab for i in range(context)], rows="none")])
-            for r in range(rounds + 1):
-                for i, n in enumerate(sizes):
-                    t = _time_forward(s, n, context, vocab, r)
-                    best[i] = min(best[i], t) if r else best[i]     # round 0 warms up
+            best = _fastest([lambda r, n=n: _time_forward(s, n, context, vocab, r) for n in sizes], rounds)
         finally:
             s.release()
         return CostCurve(sizes, tuple(_plausible(sizes, best)))
+
+
+def _fastest(timers, rounds: int) -> list[float]:
+    """Each timer's fastest of `rounds` (called with the round number), interleaved, after one warm-up round."""
+    best = [float("inf")] * len(timers)
+    for r in range(rounds + 1):
+        for i, timer in enumerate(timers):
+            t = timer(r)
+            best[i] = min(best[i], t) if r else best[i]         # round 0 warms up
+    return best
 
 
 def _time_forward(s, n: int, context: int, vocab: int, salt: int) -> float:
@@ -91,6 +97,12 @@ def default_curve(one_token_s: float = 0.0026) -> CostCurve:
     return CostCurve((1, 2, 4, 8, 16, 32, 64), tuple(one_token_s * x for x in shape))
 
 
+def drafts_split(drafting: int, decoding: int) -> bool:
+    """Whether the lean forward gives each draft an attention call of its own (workers/lean.py `_parts`): while
+    at most half of the step's short items draft; beyond that one call pads every item to the longest draft."""
+    return 2 * drafting <= decoding
+
+
 @dataclass(frozen=True)
 class AttentionCost:
     """What drafts add to a step's attention (workers/lean.py `_parts`), measured on the replica's pool.
@@ -111,7 +123,7 @@ class AttentionCost:
         query rows, `split_keys` = the drafting requests' cached tokens summed, `keys` = the longest cache."""
         if drafting == 0:
             return 0.0
-        if 2 * drafting <= rows:
+        if drafts_split(drafting, rows):
             return self.split_s * split_keys / self.context
         return self.pad_s * rows * (longest - 1) * keys
 
@@ -126,28 +138,28 @@ class AttentionCost:
         if rows < 2:
             return AttentionCost()
         sessions = [pool.session() for _ in range(rows)]
-        best = [float("inf")] * 3
+
+        def timed(shape: list[int], salt: int) -> float:
+            t0 = time.perf_counter()
+            out = forward_batch([Item(s, [(5 * j + salt) % vocab for j in range(n)], rows="last")
+                                 for s, n in zip(sessions, shape)])
+            float(out[-1][-1, 0])                                        # waits for an accelerator too
+            elapsed = time.perf_counter() - t0
+            for s in sessions:
+                s.rollback(context)
+            return elapsed
+
         try:
             for i, s in enumerate(sessions):
                 s.bind()
                 forward_batch([Item(s, [(7 * j + i) % vocab for j in range(context)], rows="none")])
             shapes = ([1] * rows, [2] + [1] * (rows - 1), [2] * rows)
-            for r in range(rounds + 1):
-                for k, shape in enumerate(shapes):
-                    t0 = time.perf_counter()
-                    out = forward_batch([Item(s, [(5 * j + r) % vocab for j in range(n)], rows="last")
-                                         for s, n in zip(sessions, shape)])
-                    float(out[-1][-1, 0])                                # waits for an accelerator too
-                    elapsed = time.perf_counter() - t0
-                    for s in sessions:
-                        s.rollback(context)
-                    best[k] = min(best[k], elapsed) if r else best[k]   # round 0 warms up
+            best = _fastest([lambda r, shape=shape: timed(shape, r) for shape in shapes], rounds)
         finally:
             for s in sessions:
                 s.release()
-        gemm = lambda n: curve.time(rows + n) - curve.time(rows)        # noqa: E731
-        split = max(0.0, best[1] - best[0] - gemm(1))
-        pad = max(0.0, best[2] - best[0] - gemm(rows)) / (rows * (context + 2))
+        split = max(0.0, best[1] - best[0] - (curve.time(rows + 1) - curve.time(rows)))
+        pad = max(0.0, best[2] - best[0] - (curve.time(2 * rows) - curve.time(rows))) / (rows * (context + 2))
         row = max(0.0, best[0] - curve.time(rows)) / (rows * (context + 1))
         return AttentionCost(split, pad, context, row)
 

@@ -122,10 +122,6 @@ class Drafter:
     def pid(self) -> int | None:
         return self.process.pid
 
-    @property
-    def proc(self) -> subprocess.Popen | None:
-        return self.process.proc
-
     def gone(self) -> str | None:
         return self.process.gone()
 
@@ -149,10 +145,6 @@ class Drafter:
         self.ch.ring_drafter()
         wait_for(lambda: c[D_PONG] == token, self.ch.bell_r, self.cfg.spin_s, self.gone, 5.0, "ping")
         return time.perf_counter() - t0
-
-    def stop(self) -> None:
-        """Stop the drafter this lane belongs to (every lane of it)."""
-        self.process.stop()
 
 
 def _spawn(made: list[tuple[Channel, int]], source: ModelConfig | None, cfg: PearlConfig) -> subprocess.Popen:

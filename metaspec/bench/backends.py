@@ -85,9 +85,8 @@ class EngineBackend:
 
     def sender(self, method: str | None, max_tokens: int, ignore_eos: bool) -> Send:
         from metaspec.workers.engine import Request
-        from metaspec.workers.types import SamplingParams
-
         from metaspec.workers.pearl import PearlConfig
+        from metaspec.workers.types import SamplingParams
 
         name, opts = arm_variant(method) if method else (None, {})
         if name == "pearl":   # this load's drafter settings (a plain "pearl" gets the defaults back)
