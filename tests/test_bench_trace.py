@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from metaspec.bench.trace import AUTO, TraceConfig, TraceMix, build_trace, format_trace, quota, run_trace, \
-    write_trace
+from metaspec.bench.trace import AUTO, TraceConfig, TraceMix, build_trace, clear_tables, format_trace, quota, \
+    run_trace, write_trace
 from metaspec.workers.scheduler import SchedulerConfig
 
 from .conftest import data_dir, make_engine
@@ -50,7 +50,12 @@ def trace_result(tiny_pair):
     try:
         cfg = TraceConfig(policies=(AUTO, "pld", "ar"), concurrency=(1, 2), mix=MIX, data_dir=str(data_dir()),
                           progress=False)
-        yield run_trace(cfg, engine=engine)
+        resets = []
+
+        def reset():                                  # the engine backend's own reset, counted
+            resets.append(clear_tables(engine.resources))
+        result = run_trace(cfg, engine=engine, reset=reset)
+        yield result | {"resets": resets}
     finally:
         engine.close()
 
@@ -75,4 +80,11 @@ def test_one_record_per_policy_and_level_and_the_whole_trace(trace_result, tmp_p
     assert json.loads(paths["json"].read_text())["records"] == json.loads(json.dumps(records))
     assert paths["png"].stat().st_size > 1000
     text = format_trace(trace_result)
-    assert "auto / best fixed" in text and "all" in text
+    assert "auto / best fixed" in text and "all" in text and "tables emptied before every pass: yes" in text
+
+
+def test_every_pass_starts_from_empty_tables(trace_result):
+    # once before each of the 3 policies x 2 levels, on both tables (what a reset drops: tests/workers)
+    resets = trace_result["resets"]
+    assert len(resets) == 6 and trace_result["trace"]["tables_reset"] is True
+    assert all(set(r) == {"ngram_table", "adjacency_table"} for r in resets)

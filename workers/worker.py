@@ -112,6 +112,10 @@ class DecodeWorker:
     def table_stats(self) -> dict | None:
         return self.tables.stats() if self.tables is not None else None
 
+    def reset_tables(self) -> dict[str, int] | None:
+        """Empty this replica's local n-gram and recycling tables (SharedTables.reset); None without tables."""
+        return self.tables.reset() if self.tables is not None else None
+
     async def generate(self, request: Request, request_id: str = "") -> Result:
         """The whole request; raises RequestError on a request this worker cannot serve."""
         async with aclosing(self.stream(request, request_id)) as items:

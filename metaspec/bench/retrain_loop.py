@@ -14,9 +14,14 @@
    `selector_version`; then the trace again for `auto` and for the round-0 best fixed arm (measured in the same
    round, so machine drift hits both alike).
 
-Training data: by default only the requests the router routed itself (`reason` != "override": the fixed arm and
-its explored alternatives, later the learnt selector's choices) — what a production service logs. `--train-on all`
-adds the fixed-arm runs of round 0 (every arm on every trace request).
+Training data: by default every trace request the service logged (`--train-on all`): the router's own choices
+(the fixed arm, what exploration sent elsewhere, later the learnt selector's) and the requests that named an arm
+(round 0 runs every arm on every trace request: counterfactuals no exploration rate gives). `--train-on routed`
+keeps only `reason` != "override", what a service whose clients never name an arm logs: with `explore` 0.2 over
+six other arms that is ~80% the fixed arm (measured 2026-12-01: too few rows of the winning arm to learn it).
+
+Before every pass the worker replicas' n-gram and recycling tables are emptied (`DecodeWorker.reset_tables`;
+`run_trace`'s docstring says why): every policy and round starts from the same table state.
 
 The oracle, estimated from the logged outcomes of round 0 (`oracle_estimate`): at level c, each trace request i
 ran under every fixed arm a with router-measured latency L[a, i] (outcome `wall_s`). The per-request oracle runs
@@ -53,7 +58,8 @@ class LoopConfig:
     check_s: float = 1.0                     # router selector_check_s
     concurrency: tuple[int, ...] = (1, 4, 16)   # trace levels
     mix: TraceMix = field(default_factory=TraceMix)
-    train_on: str = "routed"                 # "routed" (the router's own choices) | "all" (+ round 0's fixed arms)
+    train_on: str = "all"                    # "all": every logged trace request (round 0's named arms too) |
+                                             # "routed": only what the router chose itself
     reload_timeout_s: float = 120.0          # give up waiting for the router to report the new version
     work_dir: str | None = None              # YAML, outcome log, selector file (None = a new temp dir)
     data_dir: str | None = None
@@ -171,6 +177,28 @@ def loop_yaml(config: str | None, work: Path, cfg: LoopConfig) -> Path:
     return path
 
 
+def _pools(config: str | None) -> list[dict]:
+    import yaml
+
+    from metaspec.deploy.app import DEFAULT_YAML
+
+    return yaml.safe_load(Path(config or DEFAULT_YAML).read_text())["applications"][0]["args"]["pools"]
+
+
+def table_reset(app: str, pools: list[dict]):
+    """reset() for run_trace: every pool's worker empties its local tables. One replica per pool, so that a handle
+    call reaches each; a pool of several replicas is refused (it could not be reset whole)."""
+    from ray import serve
+
+    if many := [p["name"] for p in pools if int(p.get("num_replicas", 1)) != 1]:
+        raise ValueError(f"the loop empties each pool's tables before every pass: pools {many} need num_replicas 1")
+    handles = {p["name"]: serve.get_deployment_handle(f"DecodeWorker-{p['name']}", app_name=app) for p in pools}
+
+    def reset() -> dict:
+        return {p: h.reset_tables.remote().result(timeout_s=60) for p, h in handles.items()}
+    return reset
+
+
 def read_outcomes(folder: Path) -> list[dict]:
     out = []
     for file in sorted(folder.rglob("*.jsonl")):
@@ -215,15 +243,16 @@ def run_loop(cfg: LoopConfig) -> dict:
 
     work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="metaspec-loop-"))
     work.mkdir(parents=True, exist_ok=True)
-    address, _ = start_local([str(loop_yaml(cfg.config, work, cfg))], str(work / "outcomes"))
+    address, apps = start_local([str(loop_yaml(cfg.config, work, cfg))], str(work / "outcomes"))
     outcome_dir = work / "outcomes"
     client = Client(address, timeout_s=600)
     rounds, traces = [], []
     try:
+        reset = table_reset(apps[0], _pools(cfg.config))
         base = TraceConfig(backend="grpc", server=address, concurrency=cfg.concurrency, mix=cfg.mix,
                            data_dir=cfg.data_dir, progress=False)
         with tqdm(total=cfg.rounds + 1, desc="retrain loop", unit="round") as bar:
-            first = run_trace(replace(base, tag="r0"), client=client)
+            first = run_trace(replace(base, tag="r0"), client=client, reset=reset)
             traces.append(first)
             rounds.append(round_summary(0, first, None, client.list_methods().selector_version, None))
             best = {str(lv): (best_fixed(first["records"], lv) or {}).get("policy") for lv in
@@ -238,7 +267,7 @@ def run_loop(cfg: LoopConfig) -> dict:
                     reload_s = wait_for_version(client, report["version"], probe_ids, cfg.check_s,
                                                 cfg.reload_timeout_s)
                     version = report["version"]
-                res = run_trace(replace(base, tag=f"r{i}", policies=watched), client=client)
+                res = run_trace(replace(base, tag=f"r{i}", policies=watched), client=client, reset=reset)
                 traces.append(res)
                 rounds.append(round_summary(i, res, report, version, reload_s))
                 bar.update(1)
@@ -336,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--explore", type=float, default=0.2)
     p.add_argument("--check-s", type=float, default=1.0)
-    p.add_argument("--train-on", default="routed", choices=["routed", "all"])
+    p.add_argument("--train-on", default="all", choices=["routed", "all"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None)
     p.add_argument("--data-dir", default=None)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -228,12 +227,15 @@ def routed_counts(traces: list[Trace]) -> dict:
 
 
 def run_policies(make_send, policies: list[str], requests: list[TraceRequest], levels: tuple[int, ...],
-                 bar=None, lock: threading.Lock | None = None) -> list[dict]:
-    """One run per (level, policy), policies rotated per level: [{policy, concurrency, metrics..., traces}]."""
+                 bar=None, reset=None) -> list[dict]:
+    """One run per (level, policy), policies rotated per level: [{policy, concurrency, metrics..., traces}].
+    `reset()`, when given, runs before every pass: the table arms' learnt state starts the same for each."""
     runs = []
     for i, level in enumerate(levels):
         shift = i % max(1, len(policies))
         for policy in policies[shift:] + policies[:shift]:
+            if reset is not None:
+                reset()
             metrics, traces = measure(make_send(policy, level), requests, level, bar)
             runs.append({"policy": policy, "concurrency": level, **metrics, **routed_counts(traces),
                          "traces": traces})
@@ -318,9 +320,20 @@ def default_policies(methods: list[str]) -> list[str]:
     return [AUTO] + [m for m in methods if m != "ar"] + ["ar"]
 
 
-def run_trace(cfg: TraceConfig, engine=None, client=None) -> dict:
+def clear_tables(resources: dict) -> dict[str, int]:
+    """Empty an in-process engine's n-gram and recycling tables; {resource: rows dropped}."""
+    return {name: resources[name].clear() for name in ("ngram_table", "adjacency_table") if name in resources}
+
+
+def run_trace(cfg: TraceConfig, engine=None, client=None, reset=None) -> dict:
     """Replay the trace per level and policy; returns {config, machine, trace, records, ratios, runs}.
-    `engine` / `client`: an Engine or a protocol Client to drive instead of opening one."""
+    `engine` / `client`: an Engine or a protocol Client to drive instead of opening one.
+
+    The trace replays the same prompts for every policy, and the table arms (ngram_store, recycling) learn from
+    every reply: without a reset, a later pass drafts from the earlier passes' answers to the very same prompts
+    (greedy ones token for token), which no user's traffic gives. So every pass starts from empty tables:
+    `reset()` empties them (the engine backend's own by default; through a service, the caller's hook, e.g.
+    DecodeWorker.reset_tables on each replica). Without one the result says `tables_reset: false`."""
     from tqdm import tqdm
 
     from metaspec.bench.backends import EngineBackend, build_engine
@@ -332,6 +345,8 @@ def run_trace(cfg: TraceConfig, engine=None, client=None) -> dict:
         owned += [backend] if engine is None else []
         tokenizer, methods = backend.engine.tokenizer, backend.methods()
         make_send = lambda policy, level: engine_sender(backend, policy)        # noqa: E731
+        if reset is None:
+            reset = lambda: clear_tables(backend.engine.resources)                 # noqa: E731
     else:
         from transformers import AutoTokenizer
 
@@ -352,14 +367,14 @@ def run_trace(cfg: TraceConfig, engine=None, client=None) -> dict:
         machine = machine_info(ServeConfig(engine=cfg.engine))
         total = len(policies) * len(cfg.concurrency) * len(requests)
         with tqdm(total=total, desc=f"trace {cfg.tag}", unit="req", disable=not cfg.progress) as bar:
-            runs = run_policies(make_send, policies, requests, cfg.concurrency, bar)
+            runs = run_policies(make_send, policies, requests, cfg.concurrency, bar, reset)
     finally:
         for thing in owned:
             thing.close()
     records = summarize(runs)
     return {"config": asdict(cfg), "machine": machine | {"load_avg_at_end": machine_info(
                 ServeConfig(engine=cfg.engine))["load_avg_1_5_15"]},
-            "trace": mix_summary(requests, cfg.mix), "records": records, "ratios": ratios(records),
+            "trace": mix_summary(requests, cfg.mix) | {"tables_reset": reset is not None}, "records": records, "ratios": ratios(records),
             "runs": [{k: v for k, v in r.items() if k != "traces"} for r in runs]}
 
 
@@ -397,7 +412,8 @@ def format_trace(result: dict) -> str:
             f"{t['temperatures']}; max_tokens {t['max_tokens']}) · backend {c['backend']} · levels "
             f"{','.join(map(str, c['concurrency']))} · {m['cpu_model']} · {m['cpu_count']} cpus · load avg "
             f"start/end {'/'.join(f'{x:.2f}' for x in m['load_avg_1_5_15'])} / "
-            f"{'/'.join(f'{x:.2f}' for x in m['load_avg_at_end'])}")
+            f"{'/'.join(f'{x:.2f}' for x in m['load_avg_at_end'])} · tables emptied before every pass: "
+            f"{'yes' if t.get('tables_reset') else 'NO (later passes draft from earlier replies)'}")
     return "\n\n".join([head, table(result["records"]), ratio_lines(result["ratios"])])
 
 

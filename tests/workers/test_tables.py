@@ -125,6 +125,26 @@ def test_adjacency_rows_are_the_targets_top_k():
     assert table.next_tokens(5) == [] and table.next_tokens(99) == []
 
 
+def test_reset_empties_local_tables_and_refuses_shared_ones():
+    tables = SharedTables(StoreConfig(redis=RedisConfig(url=None)), fingerprint="reset", vocab_size=16)
+    try:
+        tables.ngram.learn([1, 2], [3, 4])
+        tables.adjacency.update([4], torch.arange(16, dtype=torch.float32).view(1, 16))
+        assert tables.reset() == {"ngram": 5, "adjacency": 1}
+        assert tables.ngram.continuations([1, 2]) == [] and tables.adjacency.next_tokens(4) == []
+        assert not tables.ngram.pending and not tables.adjacency.pending
+        tables.ngram.learn([1, 2], [3])                 # learns again from empty
+        assert tables.ngram.continuations([1, 2]) == [3]
+    finally:
+        tables.close()
+    shared = SharedTables(StoreConfig(redis=RedisConfig(url="redis://127.0.0.1:1/0")), "reset", 16)
+    try:
+        with pytest.raises(ValueError, match="replica-local"):
+            shared.reset()                              # other replicas would re-seed the namespace
+    finally:
+        shared.close()
+
+
 def test_corpus_seeding(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("1 2 3 1 2 4\n\n7 8 9\n")

@@ -37,6 +37,14 @@ def test_info_lists_the_arms_this_replica_can_run(worker, tiny_pair):
     reply = asyncio.run(with_tables.generate(_request(method="ngram_store")))
     assert reply.method == "ngram_store" and len(reply.token_ids) == 24
     assert with_tables.table_stats()["ngram"]["contexts"] > 0     # the table learned the emitted text
+    asyncio.run(with_tables.generate(_request(method="recycling")))  # fills the recycling table
+    dropped = with_tables.reset_tables()                            # a benchmark pass starts from empty tables
+    assert dropped["ngram"] > 0 and dropped["adjacency"] > 0
+    assert with_tables.table_stats()["ngram"]["contexts"] == 0 and with_tables.table_stats()["adjacency"]["rows"] == 0
+    again = asyncio.run(with_tables.generate(_request(method="ngram_store")))
+    assert again.token_ids == reply.token_ids                       # it serves on, lossless, and learns again
+    assert with_tables.table_stats()["ngram"]["contexts"] > 0
+    assert worker.reset_tables() is None                             # no tables, nothing to reset
 
 
 def test_stream_chunks_add_up_to_generate(worker):

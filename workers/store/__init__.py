@@ -59,6 +59,16 @@ class SharedTables:
         """Push and pull now, from the calling thread; False if Redis is unavailable or a step failed."""
         return self.syncer.sync(force=True)
 
+    def reset(self) -> dict[str, int]:
+        """Empty this worker's tables (what they learnt from earlier requests), e.g. so that benchmark passes
+        over the same prompts each start from the same state, as vLLM's `/reset_prefix_cache` is used. Only for
+        local tables: a shared namespace is re-seeded by every other replica's copy (that is what it is for),
+        so resetting one replica there would be a lie; ValueError. Returns {table: rows dropped}."""
+        if self.cfg.redis.url is not None:
+            raise ValueError("reset is for replica-local tables (tables.redis_url: null); shared tables are "
+                             "re-seeded from every replica's copy")
+        return {"ngram": self.ngram.clear(), "adjacency": self.adjacency.clear()}
+
     def stats(self) -> dict:
         return {"namespace": self.keys.ns, "ngram": self.ngram.stats(), "adjacency": self.adjacency.stats(),
                 "redis": self.syncer.stats()}

@@ -64,6 +64,13 @@ class AdjacencyTable:
             out.rows = [list(row) for row in self.rows]
         return out
 
+    def clear(self) -> int:
+        """Forget every row and unsent update; returns the number of rows dropped. Counters are kept."""
+        with self.lock:
+            dropped = sum(1 for row in self.rows if row)
+            self.rows, self.pending = [[] for _ in range(self.vocab_size)], set()
+        return dropped
+
     def mark_all_dirty(self) -> None:
         with self.lock:
             self.pending.update(t for t, row in enumerate(self.rows) if row)

@@ -155,6 +155,14 @@ class NgramTable:
             out.rows = OrderedDict((ctx, list(row)) for ctx, row in self.rows.items())
         return out
 
+    def clear(self) -> int:
+        """Forget every learnt row and unsent delta (readers holding the old rows finish on them); returns the
+        number of contexts dropped. Counters are kept."""
+        with self.lock:
+            dropped = len(self.rows)
+            self.rows, self.pending = OrderedDict(), {}
+        return dropped
+
     def _row(self, ctx: Context) -> list[int]:
         row = self.rows.get(ctx)
         if row is None:
