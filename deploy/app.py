@@ -134,7 +134,8 @@ def batch_config(pool: PoolSpec) -> SchedulerConfig:
     """The replica's step-loop settings from its pool's."""
     return SchedulerConfig(max_batch=pool.max_batch, slot_tokens=pool.slot_tokens, kv_mem_gb=pool.kv_mem_gb,
                            prefill_chunk=pool.prefill_chunk, step_tokens=pool.step_tokens,
-                           max_waiting=pool.max_waiting, draft_budget=pool.draft_budget)
+                           max_waiting=pool.max_waiting, draft_budget=pool.draft_budget,
+                           draft_guard=pool.draft_guard)
 
 
 def store_config(tables: TablesSpec | None) -> StoreConfig | None:

@@ -70,7 +70,9 @@ def pick(policy: Policy, request: Request, pools: Sequence[PoolInfo],
     if not able:
         raise RequestError(f"method {request.method!r} is not available on any pool "
                            f"(it needs: {', '.join(sorted(known[request.method].requires)) or 'nothing'})")
-    return Choice(least_loaded(able).name, request.method, "override", features=cheap_features(request),
+    pool = least_loaded(able)
+    features = policy.features_for(request, pool) if hasattr(policy, "features_for") else cheap_features(request)
+    return Choice(pool.name, request.method, "override", features=features,
                   selector_version=getattr(policy, "version", "unknown"))
 
 

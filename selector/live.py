@@ -81,6 +81,9 @@ class LiveSelector:
         self.poll()
         return self.current.choose(request, pools)
 
+    def features_for(self, request, pool: PoolInfo) -> dict[str, float]:
+        return self.current.features_for(request, pool)
+
     def switch(self, cfg: LiveConfig) -> str | None:
         """Load `cfg`'s file now (blocking) unless it is the file and config in use; returns the refusal, if any."""
         with self._lock:

@@ -66,6 +66,13 @@ class _Base:
         pool, method = self._rng.choice(others)
         return Choice(pool.name, method, "explore", scores, True, _features(request, pool), self.version)
 
+    def features_for(self, request, pool: PoolInfo) -> dict[str, float]:
+        """The features `choose` records, for a request whose client named the arm: a run under a named arm is
+        training data like a chosen one (a benchmark naming every arm on every prompt is the best there is)."""
+        if not isinstance(request, RequestInput):
+            request = request_input(request, self.tokenizer)
+        return _features(request_features(request, self.ngram_hit_rate), pool)
+
     def choose(self, request, pools: Sequence[PoolInfo]) -> Choice:
         """`request` is a RequestInput, or a `workers.request.Request` (converted by `request_input`, with
         `self.tokenizer` only where the router sent no ids)."""

@@ -23,7 +23,7 @@ LATENCY = ("mean", "p50", "p99")
 def serve_result(tiny_pair):
     if data_dir() is None:
         pytest.skip("the shared evaluation data is not on this machine")
-    engine = make_engine(tiny_pair, batch=SchedulerConfig(max_batch=2, slot_tokens=160))
+    engine = make_engine(tiny_pair, batch=SchedulerConfig(max_batch=2, slot_tokens=160, draft_guard=False))
     try:
         cfg = ServeConfig(methods=("ar", "pld"), concurrency=(1, 2), num_prompts=4, max_tokens=8, repeats=2,
                           max_prompt_tokens=64, data_dir=str(data_dir()), progress=False)

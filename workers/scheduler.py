@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .budget import AttentionCost, Ask, CostCurve, default_curve, plan
+from .budget import AttentionCost, Ask, CostCurve, DraftGuard, default_curve, plan
 from .draft_length import Acceptance
 from .errors import QueueFull
 from .kv import Item, SlotSession, forward_batch
@@ -52,6 +52,8 @@ class SchedulerConfig:
     step_tokens: int = 2048          # tokens one step may score: decoding requests first, then prefill chunks
     max_waiting: int = 256           # requests waiting for a slot before QueueFull
     draft_budget: bool = True        # cut drafts that do not pay for their share of the batch's forward (budget.py)
+    draft_guard: bool = False        # with the budget: per batch size, no drafts while plain steps measure faster
+                                     # (off by default: not yet measured through bench serve)
 
 
 @dataclass(eq=False)
@@ -93,6 +95,7 @@ class StepMetrics:
     last_batch: int = 0                 # requests in the latest step
     last_tokens: int = 0                # tokens its forward scored
     batch_hist: dict[int, int] = field(default_factory=dict)   # requests per step -> steps
+    plain_steps: int = 0                # steps the draft guard ran without drafts (plain decoding measured faster)
 
 
 class Scheduler:
@@ -104,6 +107,8 @@ class Scheduler:
         self.metrics = StepMetrics()
         self.curve: CostCurve = default_curve()     # the engine replaces it with one measured at start
         self.attention = AttentionCost()            # what drafts add to attention (measured at start; 0 = ignored)
+        self.guard = DraftGuard() if cfg.draft_budget and cfg.draft_guard else None   # does drafting pay at all
+        self._plain = False                         # this step scores no draft it may drop (the guard's call)
         self._wake = threading.Condition()
 
     # --- the client side (any thread) ---------------------------------------------------------------------
@@ -166,6 +171,10 @@ class Scheduler:
         t0 = time.perf_counter()
         decoding = [s for s in self.running if not s.prefilling]
         loading = sum(min(self.cfg.prefill_chunk, len(s.prompt) - s.fed) for s in self.running if s.prefilling)
+        guarded = self.guard is not None and any(not isinstance(s.proposer, ARProposer) for s in decoding)
+        self._plain = guarded and not self.guard.drafting(len(decoding))
+        self.metrics.plain_steps += self._plain
+        before = sum(len(s.seq) for s in decoding)
         drafts, forced = self._propose(decoding, len(decoding) + min(loading, self.cfg.step_tokens))
         items = [Item(s.session, [s.seq[-1], *d.tokens], None if d.parents is None else [-1, *(p + 1 for p in d.parents)])
                  for s, d in zip(decoding, drafts)]
@@ -193,6 +202,9 @@ class Scheduler:
         for (s, d, raw), v in zip(judged, verdicts):
             self._apply(s, d, raw, v, forced.get(id(s), False) or s in first)
         self._count(len(items), sum(len(it.tokens) for it in items), decoding, t1 - t0, t2 - t1)
+        if guarded and not chunks:     # a pure-decode step: what its mode emitted per second
+            self.guard.observe(len(decoding), not self._plain, sum(len(s.seq) for s in decoding) - before,
+                               time.perf_counter() - t0)
 
     def _propose(self, decoding: list[Sequence], base_tokens: int) -> tuple[list[Draft], dict[int, bool]]:
         """Every decoding request's draft: the grammar's forced tokens, else its arm's (batched where it can),
@@ -237,6 +249,12 @@ class Scheduler:
         free = self.k_max
         if not self.cfg.draft_budget:
             return [free] * len(decoding)
+        if self._plain:   # only a sampled request's soft drafts are never capped
+            why = self._why(len(decoding))
+            for s in decoding:
+                if not isinstance(s.proposer, ARProposer):
+                    s.stats.budget_reason = why
+            return [free if s.soft_drafts and not s.params.greedy else 0 for s in decoding]
         cost = [getattr(s.proposer, "draft_cost_s", 0.0) for s in decoding]
         planned = [i for i, s in enumerate(decoding) if (s.drafted_last or (cost[i] > 0 and s.params.greedy))
                    and not (s.soft_drafts and not s.params.greedy)]
@@ -257,16 +275,22 @@ class Scheduler:
         asks = [Ask(s.acceptance.alpha, len(d.tokens), 0.0, f, s.session.length)
                 for s, d, f in zip(decoding, drafts, fixed)]
         cached = sum(a.context for a in asks)
+        keeps = fixed if self._plain else plan(asks, base_tokens, self.curve, self.attention, len(decoding), cached)
         out = []
-        for s, d, keep in zip(decoding, drafts, plan(asks, base_tokens, self.curve, self.attention, len(decoding),
-                                                     cached)):
+        for s, d, keep in zip(decoding, drafts, keeps):
             if keep < len(d.tokens):
                 s.stats.budget_cut += len(d.tokens) - keep
-                s.stats.budget_reason = (f"batch of {len(decoding)}: {len(d.tokens)} drafted, {keep} worth their "
-                                         f"forward cost at acceptance {s.acceptance.alpha:.2f}")
+                s.stats.budget_reason = self._why(len(decoding), len(d.tokens), keep, s.acceptance.alpha)
                 d = d.head(keep)
             out.append(d)
         return out
+
+    def _why(self, batch: int, drafted: int = 0, keep: int = 0, alpha: float = 0.0) -> str:
+        if not self._plain:
+            return f"batch of {batch}: {drafted} drafted, {keep} worth their forward cost at acceptance {alpha:.2f}"
+        drafting, plain = self.guard.rate(batch)
+        return (f"batch of {batch}: plain decoding measured faster than drafting here "
+                f"({_rate(plain)} vs {_rate(drafting)} tokens/s)")
 
     def _score(self, seqs: list[Sequence], drafts: list[Draft], rows: dict[int, torch.Tensor]
                ) -> tuple[list[Scored], list]:
@@ -354,3 +378,7 @@ class Scheduler:
         for s in decoding:
             s.stats.propose_s += propose_s
             s.stats.verify_s += verify_s
+
+
+def _rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"

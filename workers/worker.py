@@ -54,6 +54,7 @@ class WorkerCounters:
     waiting: int = 0                                 # requests waiting for a KV slot now
     steps: int = 0                                   # step-loop forwards so far
     tokens_scored: int = 0                           # tokens those forwards scored
+    plain_steps: int = 0                             # of them, steps the draft guard ran without drafts
 
 
 def worker_config(pool: str, target: str, drafter: str | None, tokenizer: str | None = None, dtype: str = "float32",
@@ -107,6 +108,7 @@ class DecodeWorker:
         m, load = self.engine.scheduler.metrics, self.engine.scheduler.load
         c = self.counters
         c.running, c.waiting, c.steps, c.tokens_scored = load["running"], load["waiting"], m.steps, m.tokens_scored
+        c.plain_steps = m.plain_steps
         return c
 
     def table_stats(self) -> dict | None:

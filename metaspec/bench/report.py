@@ -67,7 +67,9 @@ def step_stats(before: dict | None, after: dict | None) -> dict:
     hist = {b: n for b, n in sorted(hist.items()) if n > 0}
     steps = after["steps"] - before["steps"]
     scored = after["tokens_scored"] - before["tokens_scored"]
+    plain = after.get("plain_steps", 0) - before.get("plain_steps", 0)   # (engines before the draft guard: 0)
     return {"steps": steps, "tokens_scored": scored, "tokens_per_step": scored / steps if steps else None,
+            "plain_share": plain / steps if steps else None,
             "mean_batch": sum(b * n for b, n in hist.items()) / steps if steps else None,
             "max_batch_seen": max(hist, default=0), "batch_hist": {str(b): n for b, n in hist.items()}}
 
@@ -95,6 +97,7 @@ def _extras(rs: list[dict]) -> dict:
             "requests": sum(r["requests"] for r in rs), "failed": sum(r["failed"] for r in rs),
             "output_tokens": sum(r["output_tokens"] for r in rs), "acceptance_length": med("acceptance_length"),
             "steps": med("steps"), "mean_batch": med("mean_batch"), "tokens_per_step": med("tokens_per_step"),
+            "plain_share": med("plain_share"),
             "max_batch_seen": max((r.get("max_batch_seen") or 0 for r in rs), default=0),
             "peak_rss_mb": max((r.get("peak_rss_mb") or 0 for r in rs), default=None),
             "request_rate": rs[0].get("request_rate")}
@@ -128,19 +131,24 @@ def _f(x, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
 def table(records: list[dict], title: str) -> str:
     """One line per record: throughputs, then p50/p99 of each latency, then the engine's batch stats."""
     if not records:
         return ""
     w = max(10, *(len(r["method"]) + 1 for r in records))
     head = (f"{'method':<{w}}{'conc':>5}{'req/s':>8}{'out tok/s':>10}{'TTFT p50/p99 ms':>17}"
-            f"{'TPOT p50/p99 ms':>17}{'ITL p50/p99 ms':>16}{'acc len':>8}{'batch':>7}{'fail':>5}")
+            f"{'TPOT p50/p99 ms':>17}{'ITL p50/p99 ms':>16}{'acc len':>8}{'batch':>7}{'fail':>5}{'plain':>6}")
     lines = [title, head]
     for r in records:
         lat = "".join(f"{_f(r[k]['p50']) + '/' + _f(r[k]['p99']):>{17 if k != 'itl_ms' else 16}}" for k in LATENCIES)
         lines.append(f"{r['method']:<{w}}{r['concurrency']:>5}{r['request_throughput']:>8.2f}"
                      f"{r['output_tokens_per_s']:>10.1f}{lat}{_f(r.get('acceptance_length'), '.2f'):>8}"
-                     f"{_f(r.get('mean_batch')):>7}{r.get('failed', 0):>5}")
+                     f"{_f(r.get('mean_batch')):>7}{r.get('failed', 0):>5}"
+                     f"{_share(r.get('plain_share')):>6}")
     return "\n".join(lines)
 
 

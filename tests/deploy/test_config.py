@@ -120,7 +120,8 @@ def test_controller_settings_in_the_yaml_reach_serve_options(tmp_path):
     assert "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT" not in opts.serve_env()
 
 
-BATCH_FIELDS = ("max_batch", "prefill_chunk", "step_tokens", "kv_mem_gb", "slot_tokens", "max_waiting")
+BATCH_FIELDS = ("max_batch", "prefill_chunk", "step_tokens", "kv_mem_gb", "slot_tokens", "max_waiting", "draft_budget",
+                "draft_guard")
 
 
 def test_batch_defaults_are_the_schedulers_own():
@@ -138,7 +139,7 @@ def test_batch_settings_reach_the_worker_config():
     from ray.serve._private.build_app import build_app as serve_build
 
     batch = {"max_batch": 6, "prefill_chunk": 64, "step_tokens": 512, "kv_mem_gb": 0.5, "slot_tokens": 768,
-             "max_waiting": 9}
+             "max_waiting": 9, "draft_budget": True, "draft_guard": False}
     app = build_app({"pools": [{"name": "a", "target": "/t", **batch},
                                {"name": "b", "target": "/t", "max_batch": 3, "max_ongoing_requests": 2}]})
     built = {d.name: d for d in serve_build(app, name="metaspec").deployments}

@@ -74,7 +74,14 @@ def test_the_learnt_selector_plugs_in_behind_the_same_interface(tiny_pair):
     learnt = make_policy(RouterSpec(selector="/nonexistent/selector.skops", explore=0.0), pools)
     choice = pick(learnt, req(), POOLS)
     assert choice.pool in {"big", "small", "busy"} and choice.features      # features recorded for retraining
-    assert pick(learnt, req("pld"), POOLS).reason == "override"
+    named = pick(learnt, req("pld"), POOLS)
+    assert named.reason == "override"
+    # a client naming the arm gets the same features recorded: named-arm runs are training data too (they were
+    # not, and a loop training on "every logged request" used only the routed 1 in 8)
+    from metaspec.selector.train import BASE_FEATURES
+
+    assert set(BASE_FEATURES) <= set(named.features) and named.features == {**choice.features, **{
+        k: v for k, v in named.features.items() if k.startswith("pool_") or k.startswith("load_")}}
 
 
 # ---- the Router's user_config (what `serve deploy` changes in place) -----------------------------------------

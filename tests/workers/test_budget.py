@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from metaspec.workers.budget import AttentionCost, Ask, CostCurve, default_curve, plan
+from metaspec.workers.budget import AttentionCost, Ask, CostCurve, DraftGuard, default_curve, plan
 from metaspec.workers.engine import Request
 from metaspec.workers.scheduler import SchedulerConfig
 from metaspec.workers.types import SamplingParams
@@ -69,7 +69,7 @@ def test_padding_every_request_to_a_draft_is_priced():
 @pytest.fixture(scope="module")
 def budget_engine(tiny_pair):
     """The tiny engine with the draft budget on (the shared fixture has it off)."""
-    engine = make_engine(tiny_pair, batch=SchedulerConfig(draft_budget=True))
+    engine = make_engine(tiny_pair, batch=SchedulerConfig(draft_budget=True, draft_guard=True))
     yield engine
     engine.close()
 
@@ -85,14 +85,15 @@ def test_the_measured_curve_never_decreases(budget_engine):
 def test_a_loaded_step_cuts_drafts_and_says_why(budget_engine):
     """With a curve where every scored token costs a full forward, draft tokens stop paying: they are cut, the
     reason is recorded, and the output is still AR's."""
-    saved = budget_engine.scheduler.curve
+    saved = budget_engine.scheduler.curve, budget_engine.scheduler.guard
     budget_engine.scheduler.curve = CostCurve((1, 2), (1.0, 2.0))
+    budget_engine.scheduler.guard = None        # the plan alone (the guard's plain steps: below)
     try:
         requests = [Request(prompt=f"def f{i}(x):\n    return x +", method="pld",
                             params=SamplingParams(max_tokens=24)) for i in range(6)]
         got = budget_engine.generate_many(requests)
     finally:
-        budget_engine.scheduler.curve = saved
+        budget_engine.scheduler.curve, budget_engine.scheduler.guard = saved
     want = [budget_engine.generate(Request(prompt=r.prompt, method="ar", params=r.params)) for r in requests]
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     # (not "nothing accepted": a step that also carries a request's prefill chunk is slow anyway, and a drafted
@@ -117,3 +118,46 @@ def test_a_drafter_that_does_not_pay_is_not_run(budget_engine):
     want = [budget_engine.generate(Request(prompt=r.prompt, method="ar", params=r.params)) for r in requests]
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
     assert sum(g.stats.drafted for g in got) == 0 and sum(g.stats.budget_cut for g in got) == 0
+
+
+def test_the_guard_runs_the_faster_mode_and_keeps_measuring_the_other():
+    g = DraftGuard(probe_every=8, decay=0.5, clear_gap=2.0)
+    assert all(g.drafting(20) for _ in range(7)) and not g.drafting(20)      # unmeasured: draft, probe plain
+    for _ in range(4):
+        g.observe(20, True, 40, 0.1)     # drafting: 400 tokens/s
+        g.observe(20, False, 20, 0.04)   # plain: 500 tokens/s
+    modes = [g.drafting(20) for _ in range(16)]
+    assert modes.count(True) == 2 and modes.count(False) == 14               # plain, probing drafting 1 in 8
+    assert g.drafting(1) is True                                              # another batch size: its own
+    for _ in range(4):
+        g.observe(20, True, 80, 0.1)     # drafting got better (longer accepted drafts): 800 tokens/s
+    assert sum(g.drafting(20) for _ in range(16)) == 14
+    assert g.rates()["16"]["plain"] == pytest.approx(500) and g.rates()["16"]["draft"] > 700
+    for _ in range(8):
+        g.observe(20, True, 200, 0.1)    # drafting 2,000 tokens/s: a clear lead, plain probed 1 step in 32
+    assert sum(not g.drafting(20) for _ in range(64)) == 2
+    g.observe(20, True, 5, 0.0)          # a zero-length step is ignored
+    with pytest.raises(ValueError):
+        DraftGuard(probe_every=1)
+
+
+def test_plain_steps_keep_every_arms_output_and_say_why(budget_engine):
+    """Where plain steps measure faster, a mixed batch decodes without drafts (probing drafting 1 step in 16):
+    every request's output is still AR's, and the cut drafts' reason names the measured rates."""
+    guard = budget_engine.scheduler.guard
+    saved = dict(guard.buckets)
+    for batch in (1, 2, 4, 8):
+        guard.observe(batch, True, 1, 1.0)           # drafting "measured" at 1 token/s, plain at 10,000
+        guard.observe(batch, False, 10_000, 1.0)
+    plain_before = budget_engine.scheduler.metrics.plain_steps
+    try:
+        requests = [Request(prompt=f"def h{i}(z):\n    return z -", method=m, params=SamplingParams(max_tokens=24))
+                    for i, m in enumerate(["pld", "sps", "ngram_store", "recycling", "early_exit", "pld"])]
+        got = budget_engine.generate_many(requests)
+    finally:
+        guard.buckets.clear()
+        guard.buckets.update(saved)
+    want = [budget_engine.generate(Request(prompt=r.prompt, method="ar", params=r.params)) for r in requests]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert budget_engine.scheduler.metrics.plain_steps - plain_before >= 16
+    assert any("plain decoding measured faster" in g.stats.budget_reason for g in got)
