@@ -174,7 +174,7 @@ class Scheduler:
         guarded = self.guard is not None and any(not isinstance(s.proposer, ARProposer) for s in decoding)
         self._plain = guarded and not self.guard.drafting(len(decoding))
         self.metrics.plain_steps += self._plain
-        before = sum(len(s.seq) for s in decoding)
+        before = sum(len(s.seq) for s in decoding) if guarded else 0
         drafts, forced = self._propose(decoding, len(decoding) + min(loading, self.cfg.step_tokens))
         items = [Item(s.session, [s.seq[-1], *d.tokens], None if d.parents is None else [-1, *(p + 1 for p in d.parents)])
                  for s, d in zip(decoding, drafts)]
