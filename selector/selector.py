@@ -66,21 +66,23 @@ class _Base:
         pool, method = self._rng.choice(others)
         return Choice(pool.name, method, "explore", scores, True, _features(request, pool), self.version)
 
+    def _request(self, request) -> tuple[RequestInput, dict[str, float]]:
+        """The request as the selector's input (converted by `request_input` unless it is one) and its features."""
+        if not isinstance(request, RequestInput):
+            request = request_input(request, self.tokenizer)
+        return request, request_features(request, self.ngram_hit_rate)
+
     def features_for(self, request, pool: PoolInfo) -> dict[str, float]:
         """The features `choose` records, for a request whose client named the arm: a run under a named arm is
         training data like a chosen one (a benchmark naming every arm on every prompt is the best there is)."""
-        if not isinstance(request, RequestInput):
-            request = request_input(request, self.tokenizer)
-        return _features(request_features(request, self.ngram_hit_rate), pool)
+        return _features(self._request(request)[1], pool)
 
     def choose(self, request, pools: Sequence[PoolInfo]) -> Choice:
         """`request` is a RequestInput, or a `workers.request.Request` (converted by `request_input`, with
         `self.tokenizer` only where the router sent no ids)."""
         if not pools:
             raise ValueError("no pool to choose from")
-        if not isinstance(request, RequestInput):
-            request = request_input(request, self.tokenizer)
-        feats = request_features(request, self.ngram_hit_rate)
+        request, feats = self._request(request)
         pairs, refused = candidates(list(pools), request.has_constraint, self.arms)
         pick, scores, reason = self._pick(feats, pairs)
         if len(pairs) == 1:

@@ -374,7 +374,8 @@ def run_trace(cfg: TraceConfig, engine=None, client=None, reset=None) -> dict:
     records = summarize(runs)
     return {"config": asdict(cfg), "machine": machine | {"load_avg_at_end": machine_info(
                 ServeConfig(engine=cfg.engine))["load_avg_1_5_15"]},
-            "trace": mix_summary(requests, cfg.mix) | {"tables_reset": reset is not None}, "records": records, "ratios": ratios(records),
+            "trace": mix_summary(requests, cfg.mix) | {"tables_reset": reset is not None}, "records": records,
+            "ratios": ratios(records),
             "runs": [{k: v for k, v in r.items() if k != "traces"} for r in runs]}
 
 
