@@ -418,16 +418,48 @@ def _long(**extra):
     return dict(max_tokens=MAX_TOKENS_LIMIT, ignore_eos=True, method="ar") | extra
 
 
-def test_a_cancelled_stream_stops_its_generation(client, service):
+# Serve's gRPC proxy drops a client's cancel that lands while it is writing a message to that client: grpc closes
+# the proxy's handler generator at its `yield` (GeneratorExit, not CancelledError), and the proxy's
+# send_request_to_replica (ray/serve/_private/proxy.py, Ray 2.60) catches it without cancelling the replica's
+# stream, so the generation runs to its end and is logged OK. A cancel that lands while the proxy awaits the next
+# chunk (most of the time) is propagated. Through the proxy the test therefore gives the cancel three tries, and
+# counts a try as lost to that race only when its outcome says it ran to completion; the direct ingress (ours, the
+# shipped one) must cancel every time.
+PROXY_CANCEL_TRIES = 3
+
+
+def _cancel_one(client, service, rid: str):
+    """Stream a long generation, read its first chunk, close the stream; the worker's stats after it cancelled,
+    or None when the request ran to completion instead (the proxy race above)."""
     before = {p: worker_stats(p) for p in ("a", "b")}   # (also warms the handles: no delay after the first chunk)
-    stream = client.stream("cancel me", request_id="cancel-1", **_long())
+    stream = client.stream("cancel me", request_id=rid, **_long())
     pool = next(stream).pool
     stream.close()                                       # the client goes away mid-generation
     before = before[pool]
-    after = wait_for(lambda: (s := worker_stats(pool)).cancelled > before.cancelled and s, "the worker to cancel")
-    assert "cancel-1" not in after.active and after.tokens == before.tokens       # never ran to completion
-    record = wait_for(lambda: logged(service).get("cancel-1"), "the CANCELLED outcome")
+
+    def settled():
+        if (s := worker_stats(pool)).cancelled > before.cancelled:
+            return ("cancelled", s)
+        record = logged(service).get(rid)
+        return ("completed", None) if record is not None and record.status == "OK" else None
+
+    what, after = wait_for(settled, "the worker to cancel")
+    if what == "completed":
+        return None
+    assert rid not in after.active and after.tokens == before.tokens       # never ran to completion
+    record = wait_for(lambda: logged(service).get(rid), "the CANCELLED outcome")
     assert record.status == "CANCELLED"
+    return after
+
+
+def test_a_cancelled_stream_stops_its_generation(client, service):
+    tries = PROXY_CANCEL_TRIES if service.ingress == "proxy" else 1
+    results = []
+    for i in range(tries):
+        results.append(_cancel_one(client, service, f"cancel-{i + 1}"))
+        if results[-1] is not None:
+            break
+    assert results[-1] is not None, f"{len(results)} cancelled stream(s) ran to completion instead"
     _still_serving(client)
 
 
