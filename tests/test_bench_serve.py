@@ -105,9 +105,41 @@ def test_a_method_may_carry_an_arms_settings():
     from metaspec.bench.backends import arm_variant
 
     assert arm_variant("pearl:lanes=1") == ("pearl", {"lanes": 1}) and arm_variant("sps") == ("sps", {})
-    for bad in ("pearl:lanes=0", "pearl:lanes=x", "pearl:gamma=2", "sps:lanes=2", "pearl:lanes"):
+    assert arm_variant("sps:guard=1") == ("sps", {"guard": 1})
+    assert arm_variant("pearl:lanes=2,guard=1") == ("pearl", {"lanes": 2, "guard": 1})
+    for bad in ("pearl:lanes=0", "pearl:lanes=x", "pearl:gamma=2", "sps:lanes=2", "pearl:lanes", "sps:guard=2"):
         with pytest.raises(ValueError, match="not a setting"):
             arm_variant(bad)
+
+
+def test_guard_variant_runs_its_load_with_one_draft_guard(tiny_pair):
+    """"sps:guard=1" loads run with the draft guard (one, kept across them, as a replica keeps its own); a plain
+    "sps" load runs as the engine was built (here without one)."""
+    from metaspec.bench.backends import EngineBackend
+    from metaspec.bench.load import ServeRequest
+
+    with pytest.raises(ValueError, match="needs the draft budget"):
+        engine = make_engine(tiny_pair)
+        try:
+            EngineBackend(engine).sender("sps:guard=1", 12, True)
+        finally:
+            engine.close()
+    engine = make_engine(tiny_pair, batch=SchedulerConfig(draft_budget=True))
+    try:
+        backend = EngineBackend(engine)
+        request = ServeRequest("p", "c", "text", tuple(range(5, 25)))
+        plain = backend.sender("sps", 12, True)(request)
+        assert engine.scheduler.guard is None
+        guarded = backend.sender("sps:guard=1", 12, True)(request)
+        guard = engine.scheduler.guard
+        assert guard is not None and guard.rate(1) != (None, None)     # it measured the steps of that load
+        backend.sender("sps:guard=1", 12, True)
+        assert engine.scheduler.guard is guard
+        backend.sender("sps", 12, True)
+        assert engine.scheduler.guard is None
+        assert plain.tokens == guarded.tokens == 12
+    finally:
+        engine.close()
 
 
 def test_pearl_lanes_variant_sets_the_drafter_for_its_load(tiny_pair):

@@ -45,6 +45,7 @@ def build_engine(spec: EngineSpec):
 
 
 VARIANT_OPTIONS = {"pearl": ("lanes",)}   # arm -> settings a method name may carry ("pearl:lanes=1")
+EVERY_ARM_OPTIONS = ("guard",)            # settings any arm may carry: "sps:guard=1" runs with the draft guard on
 
 
 def arm_variant(method: str) -> tuple[str, dict[str, int]]:
@@ -54,8 +55,10 @@ def arm_variant(method: str) -> tuple[str, dict[str, int]]:
     opts: dict[str, int] = {}
     for part in filter(None, rest.split(",")):
         key, eq, value = part.partition("=")
-        if not eq or key not in VARIANT_OPTIONS.get(name, ()) or not value.isdigit() or int(value) < 1:
-            allowed = ", ".join(f"{a}:{k}=N" for a, keys in VARIANT_OPTIONS.items() for k in keys)
+        takes = VARIANT_OPTIONS.get(name, ()) + EVERY_ARM_OPTIONS
+        if not eq or key not in takes or not value.isdigit() or int(value) < 1 or (key == "guard" and value != "1"):
+            allowed = ", ".join([f"{a}:{k}=N" for a, keys in VARIANT_OPTIONS.items() for k in keys]
+                                + [f"<arm>:{k}=1" for k in EVERY_ARM_OPTIONS])
             raise ValueError(f"method {method!r}: {part!r} is not a setting it takes (settings: {allowed})")
         opts[key] = int(value)
     return name, opts
@@ -69,6 +72,9 @@ class EngineBackend:
 
     def __init__(self, engine) -> None:
         self.engine = engine
+        self._default_guard = engine.scheduler.guard   # what the engine was built with (None: off)
+        self._guard = None                              # the guard of ":guard=1" loads, kept across them like a
+                                                        # replica's (it learns per batch size)
 
     def methods(self) -> list[str]:
         return self.engine.available_methods()
@@ -91,9 +97,20 @@ class EngineBackend:
 
         name, opts = arm_variant(method) if method else (None, {})
         if name == "pearl":   # this load's drafter settings (a plain "pearl" gets the defaults back)
-            self.engine.resources["pearl_config"] = PearlConfig(**opts)
+            self.engine.resources["pearl_config"] = PearlConfig(**{k: v for k, v in opts.items() if k == "lanes"})
+        self.engine.scheduler.guard = self._guarded() if opts.get("guard") else self._default_guard
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=0, ignore_eos=ignore_eos)
         return lambda r: self._send(Request(prompt_ids=r.ids, params=params, method=name))
+
+    def _guarded(self):
+        """The draft guard of ":guard=1" loads (the engine's own when it was built with one); needs the budget."""
+        from metaspec.workers.budget import DraftGuard
+
+        if not self.engine.scheduler.cfg.draft_budget:
+            raise ValueError("guard=1 needs the draft budget (the guard decides between the budget's drafts and none)")
+        if self._guard is None:
+            self._guard = self._default_guard or DraftGuard()
+        return self._guard
 
     def _send(self, request) -> Trace:
         events: queue.SimpleQueue = queue.SimpleQueue()
