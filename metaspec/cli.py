@@ -244,7 +244,8 @@ def _add_bench_serve(sub) -> None:
     _add_key_options(p)
     p.add_argument("--methods", default="ar", help="comma list of arms; 'auto' = no method (the service's "
                    "selector; the engine backend's default arm); engine backend: 'pearl:lanes=N' = pearl with a "
-                   "drafter serving N requests at once")
+                   "drafter serving N requests at once, '<arm>:guard=1' = that arm with the draft guard on "
+                   "(settings joined by ',')")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma list: closed-loop clients per load level")
     p.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second instead")
     p.add_argument("--max-concurrency", type=int, default=None, help="in-flight cap with --request-rate")

@@ -157,22 +157,13 @@ class Engine:
         yield from self._consume(self.output(request, s, t_start), events)
 
     def _consume(self, out: Output, events: queue.SimpleQueue) -> Iterator[Chunk | Result]:
-        ended = False
         try:
-            while not ended:
-                t, (kind, value) = events.get()
-                if kind == "tokens":
-                    yield out.push(value, t)
-                    if out.stopped:           # a stop string: the loop drops the request at its next step
-                        break
-                elif kind == "error":
-                    ended = True
-                    raise value
-                else:
-                    ended, out.t_end = True, t
+            while out.running:
+                if (chunk := out.take(*events.get())) is not None:
+                    yield chunk
             yield from out.finish()
         finally:
-            if not ended:
+            if not out.ended:                 # the caller left, or a stop string: the loop drops it next step
                 self.cancel(out.seq)
 
     def generate(self, request: Request) -> Result:
@@ -227,10 +218,28 @@ class Output:
         self.ttft_s: float | None = None
         self.t_end: float | None = None      # when the step loop ended the request (None: when finish() runs)
         self.cut: int | None = None
+        self.ended = False                   # the step loop ended the request (or it failed)
 
     @property
     def stopped(self) -> bool:
         return self.cut is not None
+
+    @property
+    def running(self) -> bool:
+        """More events may come that this output wants (not ended, no stop string seen)."""
+        return not self.ended and not self.stopped
+
+    def take(self, t: float, event: tuple) -> Chunk | None:
+        """One timestamped step-loop event: ("tokens", ids) -> their chunk; ("end", reason) -> None; ("error",
+        exc) raises exc. `ended` is set by the last two."""
+        kind, value = event
+        if kind == "tokens":
+            return self.push(value, t)
+        self.ended = True
+        if kind == "error":
+            raise value
+        self.t_end = t
+        return None
 
     def push(self, emitted: list[int], t: float | None = None) -> Chunk:
         """`t`: when the step loop emitted these tokens (None = now)."""

@@ -149,26 +149,20 @@ class DecodeWorker:
         key = request_id or str(id(s))
         self.counters.started += 1
         self.counters.active.add(key)
-        outcome, ended = "cancelled", False   # unless it finishes or fails: cancelled by the caller
+        outcome = "cancelled"   # unless it finishes or fails: cancelled by the caller
         try:
-            while not ended:
-                t, (kind, value) = await events.get()
-                if kind == "tokens":
-                    yield out.push(value, t)
-                    if out.stopped:
-                        break
-                elif kind == "error":
-                    ended, outcome = True, "failed"
-                    raise value
-                else:
-                    ended, out.t_end = True, t
+            while out.running:
+                t, event = await events.get()
+                outcome = "failed" if event[0] == "error" else outcome
+                if (chunk := out.take(t, event)) is not None:
+                    yield chunk
             for item in out.finish():
                 if isinstance(item, Result):
                     self.counters.tokens += len(item.token_ids)
                     outcome = "finished"
                 yield item
         finally:
-            if not ended:
+            if not out.ended:
                 self.engine.cancel(s)
             self.counters.active.discard(key)
             setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)

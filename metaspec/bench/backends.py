@@ -117,15 +117,10 @@ class EngineBackend:
         trace = Trace(time.perf_counter())
         s = self.engine.submit(request, lambda ev: events.put((time.perf_counter(), ev)))
         out = self.engine.output(request, s, trace.t_send)
-        while True:
-            t, (kind, value) = events.get()
-            if kind == "tokens":
-                out.push(value)
-                trace.chunk(len(value), t)
-            elif kind == "error":
-                raise value
-            else:
-                break
+        while out.running:   # (no stop strings here: it runs until the step loop ends it)
+            t, event = events.get()
+            if (chunk := out.take(t, event)) is not None:
+                trace.chunk(len(chunk.token_ids), t)
         result = list(out.finish())[-1]
         trace.drafts, trace.accepted = result.stats.drafts, result.stats.accepted
         return trace
