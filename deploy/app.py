@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +131,8 @@ def _worker(pool: PoolSpec) -> Application:
 
 
 def batch_config(pool: PoolSpec) -> SchedulerConfig:
-    """The replica's step-loop settings from its pool's."""
-    return SchedulerConfig(max_batch=pool.max_batch, slot_tokens=pool.slot_tokens, kv_mem_gb=pool.kv_mem_gb,
-                           prefill_chunk=pool.prefill_chunk, step_tokens=pool.step_tokens,
-                           max_waiting=pool.max_waiting, draft_budget=pool.draft_budget,
-                           draft_guard=pool.draft_guard)
+    """The replica's step-loop settings from its pool's (a pool names every SchedulerConfig field)."""
+    return SchedulerConfig(**{f.name: getattr(pool, f.name) for f in fields(SchedulerConfig)})
 
 
 def store_config(tables: TablesSpec | None) -> StoreConfig | None:

@@ -61,7 +61,8 @@ class PoolSpec:
     slot_tokens: int | None = None              # cache positions per slot; None = the target's context window
     max_waiting: int = 256                      # requests waiting for a KV slot before RESOURCE_EXHAUSTED
     draft_budget: bool = True                   # cut drafts that do not pay for their share of a step's forward
-    draft_guard: bool = False                   # and run plain steps while they measure faster (unmeasured yet)
+    draft_guard: bool = False                   # and run plain steps while they measure faster
+    guard_from_batch: int = 16                  # ... on batches of at least this many decoding requests
     pearl_lanes: int = 4                        # pearl requests the replica's PEARL drafter serves at once (batched)
     num_replicas: int = 1                       # replicas of this pool
     max_ongoing_requests: int = 16 + BATCH_HEADROOM   # requests Serve hands one replica (max_batch + headroom:
@@ -205,7 +206,8 @@ class PoolModel(BaseModel):
     slot_tokens: int | None = Field(default=None, ge=16)
     max_waiting: int = Field(default=256, ge=0)
     draft_budget: bool = True                   # false = every arm drafts what it asks (no load-aware cut)
-    draft_guard: bool = False                   # true = plain steps while they measure faster (not yet benchmarked)
+    draft_guard: bool = False                   # true = plain steps while they measure faster
+    guard_from_batch: int = Field(default=16, ge=1)   # the guard acts from this batch size up
     pearl_lanes: int = Field(default=4, ge=1, le=64)   # pearl requests one PEARL drafter drafts for in one forward
     num_replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int | None = Field(default=None, ge=1)   # None = max_batch + BATCH_HEADROOM

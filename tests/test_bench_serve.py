@@ -124,7 +124,7 @@ def test_guard_variant_runs_its_load_with_one_draft_guard(tiny_pair):
             EngineBackend(engine).sender("sps:guard=1", 12, True)
         finally:
             engine.close()
-    engine = make_engine(tiny_pair, batch=SchedulerConfig(draft_budget=True))
+    engine = make_engine(tiny_pair, batch=SchedulerConfig(draft_budget=True, guard_from_batch=1))
     try:
         backend = EngineBackend(engine)
         request = ServeRequest("p", "c", "text", tuple(range(5, 25)))

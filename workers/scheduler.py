@@ -53,7 +53,8 @@ class SchedulerConfig:
     max_waiting: int = 256           # requests waiting for a slot before QueueFull
     draft_budget: bool = True        # cut drafts that do not pay for their share of the batch's forward (budget.py)
     draft_guard: bool = False        # with the budget: per batch size, no drafts while plain steps measure faster
-                                     # (off by default: not yet measured through bench serve)
+    guard_from_batch: int = 16       # the guard acts on batches of at least this many decoding requests: below,
+                                     # drafting pays clearly and probing plain steps only costs (docs/benchmarks.md)
 
 
 @dataclass(eq=False)
@@ -171,7 +172,8 @@ class Scheduler:
         t0 = time.perf_counter()
         decoding = [s for s in self.running if not s.prefilling]
         loading = sum(min(self.cfg.prefill_chunk, len(s.prompt) - s.fed) for s in self.running if s.prefilling)
-        guarded = self.guard is not None and any(not isinstance(s.proposer, ARProposer) for s in decoding)
+        guarded = (self.guard is not None and len(decoding) >= self.cfg.guard_from_batch
+                   and any(not isinstance(s.proposer, ARProposer) for s in decoding))
         self._plain = guarded and not self.guard.drafting(len(decoding))
         self.metrics.plain_steps += self._plain
         before = sum(len(s.seq) for s in decoding) if guarded else 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from metaspec.workers.budget import AttentionCost, Ask, CostCurve, DraftGuard, default_curve, plan
@@ -69,7 +71,7 @@ def test_padding_every_request_to_a_draft_is_priced():
 @pytest.fixture(scope="module")
 def budget_engine(tiny_pair):
     """The tiny engine with the draft budget on (the shared fixture has it off)."""
-    engine = make_engine(tiny_pair, batch=SchedulerConfig(draft_budget=True, draft_guard=True))
+    engine = make_engine(tiny_pair, batch=SchedulerConfig(draft_budget=True, draft_guard=True, guard_from_batch=1))
     yield engine
     engine.close()
 
@@ -141,23 +143,32 @@ def test_the_guard_runs_the_faster_mode_and_keeps_measuring_the_other():
         DraftGuard(probe_every=1)
 
 
-def test_plain_steps_keep_every_arms_output_and_say_why(budget_engine):
+@pytest.mark.parametrize("from_batch", [1, 8])
+def test_plain_steps_keep_every_arms_output_and_say_why(budget_engine, from_batch):
     """Where plain steps measure faster, a mixed batch decodes without drafts (probing drafting 1 step in 16):
-    every request's output is still AR's, and the cut drafts' reason names the measured rates."""
-    guard = budget_engine.scheduler.guard
+    every request's output is still AR's, and the cut drafts' reason names the measured rates. Below
+    `guard_from_batch` the guard does not act: the same six requests then draft every step."""
+    scheduler = budget_engine.scheduler
+    guard, cfg = scheduler.guard, scheduler.cfg
     saved = dict(guard.buckets)
     for batch in (1, 2, 4, 8):
         guard.observe(batch, True, 1, 1.0)           # drafting "measured" at 1 token/s, plain at 10,000
         guard.observe(batch, False, 10_000, 1.0)
-    plain_before = budget_engine.scheduler.metrics.plain_steps
+    plain_before = scheduler.metrics.plain_steps
+    scheduler.cfg = replace(cfg, guard_from_batch=from_batch)
     try:
         requests = [Request(prompt=f"def h{i}(z):\n    return z -", method=m, params=SamplingParams(max_tokens=24))
                     for i, m in enumerate(["pld", "sps", "ngram_store", "recycling", "early_exit", "pld"])]
         got = budget_engine.generate_many(requests)
     finally:
+        scheduler.cfg = cfg
         guard.buckets.clear()
         guard.buckets.update(saved)
     want = [budget_engine.generate(Request(prompt=r.prompt, method="ar", params=r.params)) for r in requests]
     assert [g.token_ids for g in got] == [w.token_ids for w in want]
-    assert budget_engine.scheduler.metrics.plain_steps - plain_before >= 16
-    assert any("plain decoding measured faster" in g.stats.budget_reason for g in got)
+    plain = scheduler.metrics.plain_steps - plain_before
+    said = any("plain decoding measured faster" in g.stats.budget_reason for g in got)
+    if from_batch == 1:
+        assert plain >= 16 and said
+    else:
+        assert plain == 0 and not said and sum(g.stats.accepted for g in got) > 0
