@@ -16,8 +16,9 @@ def _timeline(worker_end_mib: float = 510.0) -> Timeline:
     tl.rss = [(t, 1, "worker", 500.0 if t <= 20 else worker_end_mib) for t in (5.0, 20.0, 40.0, 60.0)]
     tl.rss += [(t, 2, "worker", 300.0 + t) for t in (35.0, 60.0)]          # the replacement: not held to it
     tl.redis_keys = [(5.0, 4), (21.0, -1), (25.0, 4)]
-    tl.tables = [(10.0, {"connected": True, "syncs": 3, "errors": 0}), (40.0, {"connected": True, "syncs": 9,
-                 "errors": 1}), (59.0, {"connected": False, "syncs": 0, "errors": 0})]   # last: a fresh replica
+    tl.tables = [(10.0, {"connected": True, "syncs": 3, "errors": 0, "ngram_contexts": 700}),
+                 (40.0, {"connected": True, "syncs": 9, "errors": 1, "ngram_contexts": 2100}),
+                 (59.0, {"connected": False, "syncs": 0, "errors": 0, "ngram_contexts": 1900})]   # last: a fresh replica
     return tl
 
 
@@ -37,6 +38,14 @@ def test_a_clean_soak_passes_and_prints():
     assert rep["passed"], table(rep)
     assert rep["tables"]["connected_at_end"] and rep["tables"]["refilled_after_s"] == 5.0
     assert "[PASS] memory_flat" in table(rep)
+    assert rep["ngram_contexts"] == {"warm": 700, "end": 1900, "max": 2100}    # what the router's mirror holds
+
+
+def test_the_plot_draws_the_table_size_beside_rss(tmp_path):
+    from metaspec.bench.soak_report import write
+
+    write(report(CFG, _calls(), _timeline(), 0, {"m0", "m1", "m2"}), tmp_path)
+    assert (tmp_path / "soak.png").stat().st_size > 10_000 and (tmp_path / "soak.json").is_file()
 
 
 def test_each_fault_fails_its_check():

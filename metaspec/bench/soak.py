@@ -88,7 +88,7 @@ class Timeline:
     events: dict[str, float] = field(default_factory=dict)          # redis_restart, replica_kill, load_end
     rss: list[tuple[float, int, str, float]] = field(default_factory=list)      # (t, pid, label, MiB)
     redis_keys: list[tuple[float, int]] = field(default_factory=list)           # (t, DBSIZE; -1 = down)
-    tables: list[tuple[float, dict]] = field(default_factory=list)              # (t, one replica's redis stats)
+    tables: list[tuple[float, dict]] = field(default_factory=list)   # (t, one replica's sync state, n-gram contexts)
     killed: str = ""                                                            # the replica actor killed
 
     def now(self) -> float:
@@ -331,7 +331,8 @@ def sample(timeline: Timeline, app: str, pool: str, redis: RedisChild) -> None:
         handle = serve.get_deployment_handle(f"DecodeWorker-{pool}", app_name=app)
         stats = handle.table_stats.remote().result(timeout_s=10)
         if stats and stats.get("redis"):
-            timeline.tables.append((t, {k: stats["redis"].get(k) for k in ("connected", "syncs", "errors")}))
+            timeline.tables.append((t, {**{k: stats["redis"].get(k) for k in ("connected", "syncs", "errors")},
+                                        "ngram_contexts": stats["ngram"]["contexts"]}))
     except Exception:   # a replica being killed or restarted: that round has no table stats
         pass
 

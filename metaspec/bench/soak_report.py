@@ -38,6 +38,7 @@ def report(cfg, calls: list, timeline, stuck: int, logged: set[str]) -> dict:
         "longest_s": max((c.t1 - c.t0 for c in calls if not math.isnan(c.t1)), default=0.0),
         "acknowledged": sum(c.recorded is True for c in calls), "unrecorded": sum(c.recorded is False for c in calls),
         "logged": len(logged), "memory": memory, "tables": resync(timeline, ev.get("redis_restart")),
+        "ngram_contexts": contexts_growth(timeline.tables, ev.get("redis_restart", 0.0), wall_s),
         "series": {"rss": timeline.rss, "rps": rate_series(calls, wall_s), "redis_keys": timeline.redis_keys,
                    "tables": timeline.tables},
         "calls": [asdict(c) for c in calls],
@@ -72,6 +73,16 @@ def memory_growth(rss: list, t_warm: float, t_end: float) -> dict[str, dict]:
                          "max_mib": max(m for _, _, m in rows),
                          "alive_at_end": rows[-1][0] >= t_end}
     return out
+
+
+def contexts_growth(tables: list, t_warm: float, t_end: float) -> dict:
+    """One replica's n-gram contexts at the end of warm-up and at the end (the router's mirror of the shared table
+    holds as many: what its RSS grows with, up to `NgramConfig.max_contexts`)."""
+    counts = [(t, s.get("ngram_contexts")) for t, s in tables if s.get("ngram_contexts") is not None]
+    warm = [n for t, n in counts if t <= t_warm]
+    end = [n for t, n in counts if t <= t_end]
+    return {"warm": warm[-1] if warm else None, "end": end[-1] if end else None,
+            "max": max((n for _, n in counts), default=None)}
 
 
 def resync(timeline, t_restart: float | None) -> dict:
@@ -170,7 +181,8 @@ def table(rep: dict) -> str:
              f"{_f(rep['latency_s'][50])}/{_f(rep['latency_s'][99])} s, longest call {rep['longest_s']:.1f} s",
              f"outcomes: {rep['acknowledged']} acknowledged, {rep['unrecorded']} not recorded, {rep['logged']} "
              "in the log",
-             f"tables: {rep['tables']}", f"{'process':<8}{'pid':>9}{'RSS@1/3':>10}{'RSS end':>10}{'max':>8}  (MiB)"]
+             f"tables: {rep['tables']}", f"n-gram contexts (one replica): {rep.get('ngram_contexts')}",
+             f"{'process':<8}{'pid':>9}{'RSS@1/3':>10}{'RSS end':>10}{'max':>8}  (MiB)"]
     for pid, m in rep["memory"].items():
         lines.append(f"{m['label']:<8}{pid:>9}{_f(m['warm_mib'], '.0f'):>10}{_f(m['end_mib'], '.0f'):>10}"
                      f"{m['max_mib']:>8.0f}  {'' if m['alive_at_end'] else 'gone by the end'}")
@@ -205,6 +217,13 @@ def plot(rep: dict, path: Path) -> None:
         by_pid.setdefault(pid, []).append((t, mib, label))
     for pid, rows in by_pid.items():
         top.plot([r[0] for r in rows], [r[1] for r in rows], label=f"{rows[0][2]} {pid}")
+    contexts = [(t, st["ngram_contexts"]) for t, st in rep["series"].get("tables", []) if "ngram_contexts" in st]
+    if contexts:   # what the router's table mirror grows with
+        right = top.twinx()
+        right.plot([c[0] for c in contexts], [c[1] / 1e3 for c in contexts], "k--", alpha=0.5,
+                   label="n-gram contexts (k, one replica)")
+        right.set_ylabel("n-gram contexts (thousands)")
+        right.legend(fontsize=7, loc="lower right")
     rps = rep["series"]["rps"]
     bottom.step([r[0] for r in rps], [r[1] for r in rps], where="post", label="OK mixed requests/s")
     bottom.step([r[0] for r in rps], [r[2] for r in rps], where="post", label="all requests/s", alpha=0.6)
