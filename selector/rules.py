@@ -8,6 +8,9 @@ None. `allowed` runs them in order; AR is always allowed (it needs nothing but t
 (False, 'pearl needs an idle second device; pool cpu has 1')
 >>> allowed("ar", pool, has_constraint=True)
 (True, 'ar is always allowed')
+>>> busy = PoolInfo("cpu", ("ar", "sps"), batch={"load_running": 3.0})
+>>> allowed("sps", busy, has_constraint=False, sampled=True, arms={"sps": ArmSpec(frozenset({"alone_when_sampled"}))})
+(False, "sps's sampled drafts are never cut, and every one of pool cpu's 3 running requests would wait for them")
 """
 
 from __future__ import annotations
@@ -68,26 +71,35 @@ class _RegistryArms(Mapping[str, ArmSpec]):
 DEFAULT_ARMS: Mapping[str, ArmSpec] = _RegistryArms()   # no hand-kept copy: the registry is the one source
 
 
-Rule = Callable[[str, ArmSpec | None, PoolInfo, bool], "str | None"]
+@dataclass(frozen=True)
+class RequestFacts:
+    """What the rules know of the request: whether a grammar constrains it, whether it samples."""
+
+    has_constraint: bool = False
+    sampled: bool = False
 
 
-def _known(method: str, arm: ArmSpec | None, pool: PoolInfo, has_constraint: bool) -> str | None:
+Rule = Callable[[str, ArmSpec | None, PoolInfo, RequestFacts], "str | None"]
+PLACEMENTS = frozenset({"second_device", "alone_when_sampled"})   # placement needs (not worker resources)
+
+
+def _known(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
     return None if arm is not None else f"{method} is not a known arm"
 
 
-def _installed(method: str, arm: ArmSpec | None, pool: PoolInfo, has_constraint: bool) -> str | None:
+def _installed(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
     return None if method in pool.methods else f"{method} is not installed on pool {pool.name}"
 
 
-def _resources(method: str, arm: ArmSpec | None, pool: PoolInfo, has_constraint: bool) -> str | None:
+def _resources(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
     have = pool.hardware.get("resources")
     if have is None:                          # the profile does not list them: trust `methods`
         return None
-    missing = sorted(r for r in arm.requires - {"second_device"} if r not in str(have).split(","))
+    missing = sorted(r for r in arm.requires - PLACEMENTS if r not in str(have).split(","))
     return f"{method} needs {', '.join(missing)}, which pool {pool.name} lacks" if missing else None
 
 
-def _tokenizer(method: str, arm: ArmSpec | None, pool: PoolInfo, has_constraint: bool) -> str | None:
+def _tokenizer(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
     if "drafter" not in arm.requires:
         return None
     target, drafter = pool.hardware.get("tokenizer"), pool.hardware.get("drafter_tokenizer")
@@ -96,39 +108,56 @@ def _tokenizer(method: str, arm: ArmSpec | None, pool: PoolInfo, has_constraint:
     return f"{method}'s drafter on pool {pool.name} does not share the target's tokenizer"
 
 
-def _constraint(method: str, arm: ArmSpec | None, pool: PoolInfo, has_constraint: bool) -> str | None:
-    return None if not has_constraint or arm.constraint_capable else f"{method} cannot run under a constraint"
+def _constraint(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
+    return None if not ask.has_constraint or arm.constraint_capable else f"{method} cannot run under a constraint"
 
 
-def _second_device(method: str, arm: ArmSpec | None, pool: PoolInfo, has_constraint: bool) -> str | None:
+def _second_device(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
     if "second_device" not in arm.requires:
         return None
     idle = float(pool.hardware.get("idle_devices", float(pool.hardware.get("devices", 1)) - 1))
     return None if idle >= 1 else f"{method} needs an idle second device; pool {pool.name} has {idle + 1:g}"
 
 
-RULES: tuple[Rule, ...] = (_known, _installed, _resources, _tokenizer, _constraint, _second_device)
+def _alone_when_sampled(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
+    """A sampled request's drafts from a distribution (sps's drafter, early_exit's shallow layers) are never cut by
+    the draft budget (a batch-dependent cut would change its sample), and every request batched with it waits for
+    each drafted token each step: measured through the service, each such batchmate added 22-32 ms per token
+    (early_exit) to requests decoding at ~12 ms per token (docs/benchmarks.md, "what batchmates cost"). The
+    request's own tokens/s, which the model predicts, does not show that. So such an arm serves a sampled
+    request only on a pool with nothing else running; a client naming the arm still gets it."""
+    if not ask.sampled or "alone_when_sampled" not in arm.requires:
+        return None
+    running = float(pool.batch.get("load_running", 0.0)) if pool.batch else 0.0
+    if running < 1:
+        return None
+    return (f"{method}'s sampled drafts are never cut, and every one of pool {pool.name}'s {running:g} running "
+            "requests would wait for them")
 
 
-def allowed(method: str, pool: PoolInfo, has_constraint: bool,
-            arms: Mapping[str, ArmSpec] = DEFAULT_ARMS) -> tuple[bool, str]:
+RULES: tuple[Rule, ...] = (_known, _installed, _resources, _tokenizer, _constraint, _second_device,
+                           _alone_when_sampled)
+
+
+def allowed(method: str, pool: PoolInfo, has_constraint: bool, arms: Mapping[str, ArmSpec] = DEFAULT_ARMS,
+            sampled: bool = False) -> tuple[bool, str]:
     """(True, "ok") when `method` may serve this request on `pool`, else (False, the first rule's reason)."""
     if method == ALWAYS_ALLOWED:
         return True, f"{ALWAYS_ALLOWED} is always allowed"
-    arm = arms.get(method)
+    arm, ask = arms.get(method), RequestFacts(has_constraint, sampled)
     for rule in RULES:
-        if (reason := rule(method, arm, pool, has_constraint)) is not None:
+        if (reason := rule(method, arm, pool, ask)) is not None:
             return False, reason
     return True, "ok"
 
 
-def candidates(pools: list[PoolInfo], has_constraint: bool, arms: Mapping[str, ArmSpec] = DEFAULT_ARMS
-               ) -> tuple[list[tuple[PoolInfo, str]], dict[str, str]]:
+def candidates(pools: list[PoolInfo], has_constraint: bool, arms: Mapping[str, ArmSpec] = DEFAULT_ARMS,
+               sampled: bool = False) -> tuple[list[tuple[PoolInfo, str]], dict[str, str]]:
     """Every allowed (pool, method) pair (AR on every pool), and the refusal reason per "pool/method"."""
     ok, refused = [], {}
     for pool in pools:
         for method in dict.fromkeys((ALWAYS_ALLOWED, *pool.methods)):
-            good, reason = allowed(method, pool, has_constraint, arms)
+            good, reason = allowed(method, pool, has_constraint, arms, sampled)
             if good:
                 ok.append((pool, method))
             else:

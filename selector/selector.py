@@ -83,7 +83,7 @@ class _Base:
         if not pools:
             raise ValueError("no pool to choose from")
         request, feats = self._request(request)
-        pairs, refused = candidates(list(pools), request.has_constraint, self.arms)
+        pairs, refused = candidates(list(pools), request.has_constraint, self.arms, request.temperature > 0)
         pick, scores, reason = self._pick(feats, pairs)
         if len(pairs) == 1:
             reason = f"rule: only {pick[1]} allowed ({'; '.join(refused.values()) or 'no other arm'})"

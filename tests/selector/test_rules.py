@@ -75,3 +75,31 @@ def test_the_router_gets_the_registry_table_as_data():
     app = build_app({"pools": [{"name": "p", "target": "/t", "drafter": ""}]})
     assert app._bound_deployment.init_kwargs["arms"] == specs_from_registry()
     assert arm_specs(registered_methods()) == specs_from_registry()
+
+
+BUSY = PoolInfo("cpu", ("ar", "sps", "early_exit", "pld", "ngram_store"), {"devices": 1}, batch={"load_running": 3.0})
+IDLE = PoolInfo("cpu", BUSY.methods, {"devices": 1}, batch={"load_running": 0.0})
+
+
+@pytest.mark.parametrize("pool, sampled, refused", [(BUSY, True, {"sps", "early_exit"}), (BUSY, False, set()),
+                                                    (IDLE, True, set()), (IDLE, False, set())])
+def test_a_sampled_request_drafts_from_a_distribution_only_on_an_idle_pool(pool, sampled, refused):
+    """sps and early_exit draft a sampled request's tokens from a distribution the budget never cuts, so every
+    batchmate waits for them: on a pool with requests running, a sampled request is not sent there; greedy ones
+    (whose drafts the budget prices against the batch) and an idle pool are unaffected. The table arms never."""
+    pairs, why = candidates([pool], has_constraint=False, sampled=sampled)
+    assert set(pool.methods) - {m for _, m in pairs} == refused
+    assert {k.split("/")[1] for k in why} == refused
+    assert all("never cut" in why[f"cpu/{m}"] and "3 running" in why[f"cpu/{m}"] for m in refused)
+    assert {m for m, a in DEFAULT_ARMS.items() if "alone_when_sampled" in a.requires} == {"sps", "early_exit"}
+
+
+def test_the_fixed_selector_falls_back_to_ar_for_a_sampled_request_on_a_busy_pool():
+    from metaspec.selector.features import RequestInput
+    from metaspec.selector.selector import FixedSelector, SelectorConfig
+
+    selector = FixedSelector(SelectorConfig(epsilon=0.0, fixed_method="sps"))
+    hot, cold = (RequestInput(prompt_ids=(5, 6, 7), temperature=t) for t in (0.7, 0.0))
+    assert selector.choose(hot, [IDLE]).method == "sps" and selector.choose(cold, [BUSY]).method == "sps"
+    busy = selector.choose(hot, [BUSY])
+    assert (busy.method, busy.reason) == ("ar", "rule: sps not allowed on any pool")
