@@ -10,8 +10,8 @@ measures the part it does not see. Reported per configuration: the mean over the
 (the first batch - mates) of their own tokens/s (each request's tokens over its own wall time), relative to the
 batch where every request runs the table arm, and the batch's total tokens/s. Configurations are interleaved,
 every repeat runs each once; medians over repeats. The staying requests' greedy tokens are checked to be the same
-in every configuration (an arm's output never depends on its batchmates). Output: batchmates.json, table.txt,
-batchmates.png.
+in every configuration and repeat (an arm's output never depends on its batchmates). Output: batchmates.json,
+table.txt, batchmates.png.
 """
 
 from __future__ import annotations
@@ -76,12 +76,12 @@ def run(cfg: BatchmatesConfig, engine, texts: list[str]) -> dict:
                 t0 = time.perf_counter()
                 results = engine.generate_many(requests)
                 wall = time.perf_counter() - t0
-                outputs.setdefault(name, [r.token_ids for r in results[:stay]])
+                outputs.setdefault(name, []).append([r.token_ids for r in results[:stay]])
                 runs.append({"config": name, "repeat": rep,
                              "stay_tokens_per_s": statistics.fmean(r.tokens_per_s for r in results[:stay]),
                              "batch_tokens_per_s": sum(len(r.token_ids) for r in results) / wall})
                 bar.update(1)
-    same = all(o == outputs[ALONE] for o in outputs.values())
+    same = all(o == outputs[ALONE][0] for runs_of in outputs.values() for o in runs_of)
     return {"config": asdict(cfg), "runs": runs, "summary": summarize(runs), "stay_outputs_identical": same}
 
 
@@ -110,7 +110,8 @@ def table(rep: dict) -> str:
              f"{cfg['threads']} thread(s), {cfg['repeats']} repeat(s)",
              f"{'batchmates':<26}{'stay tok/s (own)':>18}{'vs alone':>10}{'batch tok/s':>13}"]
     for name, s in rep["summary"].items():
-        lines.append(f"{name:<26}{s['stay_tokens_per_s']:>18.1f}{s['stay_vs_alone']:>10.2f}{s['batch_tokens_per_s']:>13.1f}")
+        lines.append(f"{name:<26}{s['stay_tokens_per_s']:>18.1f}{s['stay_vs_alone']:>10.2f}"
+                     f"{s['batch_tokens_per_s']:>13.1f}")
     lines.append(f"staying requests' greedy tokens identical in every configuration: {rep['stay_outputs_identical']}")
     return "\n".join(lines)
 
