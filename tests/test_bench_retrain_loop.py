@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from metaspec.bench.retrain_loop import LoopConfig, compare, format_loop, loop_yaml, oracle_estimate, \
+from metaspec.bench.retrain_loop import LoopConfig, _pools, compare, format_loop, loop_yaml, oracle_estimate, \
     parse_request_id, plot_loop, round_summary, training_records
 
 
@@ -81,3 +81,4 @@ def test_the_service_starts_with_no_selector_file_and_exploration_on(tmp_path):
     router = yaml.safe_load(path.read_text())["applications"][0]["args"]["router"]
     assert router["selector"] == str(tmp_path / "selector.skops") and not (tmp_path / "selector.skops").exists()
     assert router["explore"] == 0.3 and router["selector_check_s"] == 0.5
+    assert [p["name"] for p in _pools(path)] == ["cpu"]           # the pools the loop's service runs

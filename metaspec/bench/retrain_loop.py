@@ -177,12 +177,11 @@ def loop_yaml(config: str | None, work: Path, cfg: LoopConfig) -> Path:
     return path
 
 
-def _pools(config: str | None) -> list[dict]:
+def _pools(served: Path) -> list[dict]:
+    """The pools of the YAML the service was started from (the loop's own copy: the same pools it serves)."""
     import yaml
 
-    from metaspec.deploy.app import DEFAULT_YAML
-
-    return yaml.safe_load(Path(config or DEFAULT_YAML).read_text())["applications"][0]["args"]["pools"]
+    return yaml.safe_load(served.read_text())["applications"][0]["args"]["pools"]
 
 
 def table_reset(app: str, pools: list[dict]):
@@ -243,12 +242,13 @@ def run_loop(cfg: LoopConfig) -> dict:
 
     work = Path(cfg.work_dir) if cfg.work_dir else Path(tempfile.mkdtemp(prefix="metaspec-loop-"))
     work.mkdir(parents=True, exist_ok=True)
-    address, apps = start_local([str(loop_yaml(cfg.config, work, cfg))], str(work / "outcomes"))
+    served = loop_yaml(cfg.config, work, cfg)
+    address, apps = start_local([str(served)], str(work / "outcomes"))
     outcome_dir = work / "outcomes"
     client = Client(address, timeout_s=600)
     rounds, traces = [], []
     try:
-        reset = table_reset(apps[0], _pools(cfg.config))
+        reset = table_reset(apps[0], _pools(served))
         base = TraceConfig(backend="grpc", server=address, concurrency=cfg.concurrency, mix=cfg.mix,
                            data_dir=cfg.data_dir, progress=False)
         with tqdm(total=cfg.rounds + 1, desc="retrain loop", unit="round") as bar:
