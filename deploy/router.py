@@ -340,8 +340,7 @@ class Router:
         if (m := call.request.method) and not any(m in i.methods for i in serving.values()) and any(
                 m in i.methods for i in infos.values()):
             raise Status(grpc.StatusCode.UNAVAILABLE, f"every pool that runs {m} is down; retry later")
-        pools = [PoolInfo(n, i.methods, dict(self.pools[n].hardware), self._load(n), self._batch(n))
-                 for n, i in serving.items()]
+        pools = [PoolInfo(n, i.methods, self._hardware(n), self._load(n), self._batch(n)) for n, i in serving.items()]
         if self.live is not None and self.policy is self.live:   # its features read (and may decode) the prompt
             choice = await self.tokens.off_loop(pick, self.policy, call.request, pools, self.arms)
         else:
@@ -381,6 +380,11 @@ class Router:
     def _load(self, pool: str) -> float:
         spec = self.pools[pool]
         return self._inflight[pool] / max(1, spec.num_replicas * spec.max_ongoing_requests)
+
+    def _hardware(self, pool: str) -> dict[str, float | str]:
+        """The pool's profile as the rules read it, and whether its step loop cuts sampled drafts."""
+        spec = self.pools[pool]
+        return {**spec.hardware, "cuts_sampled_drafts": float(spec.cut_sampled_drafts)}
 
     def _batch(self, pool: str) -> dict[str, float]:
         """The selector's load features of the pool's replicas, from this router's own in-flight count (no call
