@@ -63,7 +63,7 @@ class PoolSpec:
     draft_budget: bool = True                   # cut drafts that do not pay for their share of a step's forward
     draft_guard: bool = False                   # and run plain steps while they measure faster
     guard_from_batch: int = 16                  # ... on batches of at least this many decoding requests
-    cut_sampled_drafts: bool = False            # the budget may cut sampled drafts too (seeds then reproduce per batch)
+    cap_sampled_drafts: bool = False            # the budget may cap sampled drafts too (seeds then reproduce per batch)
     pearl_lanes: int = 4                        # pearl requests the replica's PEARL drafter serves at once (batched)
     num_replicas: int = 1                       # replicas of this pool
     max_ongoing_requests: int = 16 + BATCH_HEADROOM   # requests Serve hands one replica (max_batch + headroom:
@@ -209,7 +209,7 @@ class PoolModel(BaseModel):
     draft_budget: bool = True                   # false = every arm drafts what it asks (no load-aware cut)
     draft_guard: bool = False                   # true = plain steps while they measure faster
     guard_from_batch: int = Field(default=16, ge=1)   # the guard acts from this batch size up
-    cut_sampled_drafts: bool = False            # true = the budget cuts sampled drafts too (samples keep the target's
+    cap_sampled_drafts: bool = False            # true = the budget caps sampled drafts too (samples keep the target's
                                                 # distribution; a seed reproduces them only under the same batch)
     pearl_lanes: int = Field(default=4, ge=1, le=64)   # pearl requests one PEARL drafter drafts for in one forward
     num_replicas: int = Field(default=1, ge=1)

@@ -384,7 +384,7 @@ class Router:
     def _hardware(self, pool: str) -> dict[str, float | str]:
         """The pool's profile as the rules read it, and whether its step loop cuts sampled drafts."""
         spec = self.pools[pool]
-        return {**spec.hardware, "cuts_sampled_drafts": float(spec.cut_sampled_drafts)}
+        return {**spec.hardware, "caps_sampled_drafts": float(spec.cap_sampled_drafts)}
 
     def _batch(self, pool: str) -> dict[str, float]:
         """The selector's load features of the pool's replicas, from this router's own in-flight count (no call

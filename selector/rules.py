@@ -125,9 +125,9 @@ def _alone_when_sampled(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: R
     each drafted token each step: measured through the service, each such batchmate added 22-32 ms per token
     (early_exit) to requests decoding at ~12 ms per token (docs/benchmarks.md, "what batchmates cost"). The
     request's own tokens/s, which the model predicts, does not show that. So such an arm serves a sampled
-    request only on a pool with nothing else running, unless the pool's budget cuts sampled drafts too
-    (`cut_sampled_drafts`); a client naming the arm still gets it."""
-    if not ask.sampled or "alone_when_sampled" not in arm.requires or pool.hardware.get("cuts_sampled_drafts"):
+    request only on a pool with nothing else running, unless the pool's budget caps sampled drafts too
+    (`cap_sampled_drafts`); a client naming the arm still gets it."""
+    if not ask.sampled or "alone_when_sampled" not in arm.requires or pool.hardware.get("caps_sampled_drafts"):
         return None
     running = float(pool.batch.get("load_running", 0.0)) if pool.batch else 0.0
     if running < 1:

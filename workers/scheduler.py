@@ -55,10 +55,11 @@ class SchedulerConfig:
     draft_guard: bool = False        # with the budget: per batch size, no drafts while plain steps measure faster
     guard_from_batch: int = 16       # the guard acts on batches of at least this many decoding requests: below,
                                      # drafting pays clearly and probing plain steps only costs (docs/benchmarks.md)
-    cut_sampled_drafts: bool = False  # the budget may cut a sampled request's drafts from a distribution too: its
-                                     # samples still have the target's distribution, but a seed then reproduces its
-                                     # sample only under the same batch (off: drafts as long as its arm asks, and
-                                     # every batchmate waits for them)
+    cap_sampled_drafts: bool = False  # the budget may cap how far a sampled request's arm drafts from a
+                                     # distribution, before it drafts (never cut after: which drafted tokens are
+                                     # verified must not depend on their values): samples keep the target's
+                                     # distribution, but a seed reproduces a sample only under the same batch
+                                     # (off: it drafts as far as its arm asks, and every batchmate waits for it)
 
 
 @dataclass(eq=False)
@@ -263,7 +264,7 @@ class Scheduler:
             return [free if self._uncut(s) else 0 for s in decoding]
         cost = [getattr(s.proposer, "draft_cost_s", 0.0) for s in decoding]
         planned = [i for i, s in enumerate(decoding)
-                   if (s.drafted_last or (cost[i] > 0 and (s.params.greedy or self.cfg.cut_sampled_drafts)))
+                   if (s.drafted_last or (cost[i] > 0 and (s.params.greedy or self.cfg.cap_sampled_drafts)))
                    and not self._uncut(s)]
         asks = [Ask(decoding[i].acceptance.alpha, free, cost[i], context=decoding[i].session.length) for i in planned]
         caps = [free] * len(decoding)
@@ -277,9 +278,8 @@ class Scheduler:
         """After drafting: verify only the draft tokens whose expected acceptance pays for their forward cost."""
         if not self.cfg.draft_budget:
             return drafts
-        keep_soft = not self.cfg.cut_sampled_drafts     # this draft is from a distribution: uncut when sampled
-        fixed = [len(d.tokens) if forced.get(id(s)) or (keep_soft and d.probs is not None and not s.params.greedy)
-                 else 0 for s, d in zip(decoding, drafts)]
+        fixed = [len(d.tokens) if forced.get(id(s)) or (d.probs is not None and not s.params.greedy) else 0
+                 for s, d in zip(decoding, drafts)]
         asks = [Ask(s.acceptance.alpha, len(d.tokens), 0.0, f, s.session.length)
                 for s, d, f in zip(decoding, drafts, fixed)]
         cached = sum(a.context for a in asks)
@@ -294,9 +294,9 @@ class Scheduler:
         return out
 
     def _uncut(self, s: Sequence) -> bool:
-        """A sampled request whose arm drafts from a distribution, on a loop that never cuts those drafts (a cut
-        that depends on the batch would change its sample)."""
-        return s.soft_drafts and not s.params.greedy and not self.cfg.cut_sampled_drafts
+        """A sampled request whose arm drafts from a distribution, on a loop that never caps those drafts (a cap
+        that depends on the batch changes its sample)."""
+        return s.soft_drafts and not s.params.greedy and not self.cfg.cap_sampled_drafts
 
     def _why(self, batch: int, drafted: int = 0, keep: int = 0, alpha: float = 0.0) -> str:
         if not self._plain:

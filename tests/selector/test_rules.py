@@ -79,7 +79,7 @@ def test_the_router_gets_the_registry_table_as_data():
 
 BUSY = PoolInfo("cpu", ("ar", "sps", "early_exit", "pld", "ngram_store"), {"devices": 1}, batch={"load_running": 3.0})
 IDLE = PoolInfo("cpu", BUSY.methods, {"devices": 1}, batch={"load_running": 0.0})
-CUTS = PoolInfo("cpu", BUSY.methods, {"devices": 1, "cuts_sampled_drafts": 1.0}, batch={"load_running": 3.0})
+CUTS = PoolInfo("cpu", BUSY.methods, {"devices": 1, "caps_sampled_drafts": 1.0}, batch={"load_running": 3.0})
 
 
 @pytest.mark.parametrize("pool, sampled, refused", [(BUSY, True, {"sps", "early_exit"}), (BUSY, False, set()),
@@ -87,7 +87,7 @@ CUTS = PoolInfo("cpu", BUSY.methods, {"devices": 1, "cuts_sampled_drafts": 1.0},
 def test_a_sampled_request_drafts_from_a_distribution_only_on_an_idle_pool(pool, sampled, refused):
     """sps and early_exit draft a sampled request's tokens from a distribution the budget never cuts, so every
     batchmate waits for them: on a pool with requests running, a sampled request is not sent there; greedy ones
-    (whose drafts the budget prices against the batch), an idle pool and a pool whose budget cuts sampled drafts
+    (whose drafts the budget prices against the batch), an idle pool and a pool whose budget caps sampled drafts
     too are unaffected. The table arms never."""
     pairs, why = candidates([pool], has_constraint=False, sampled=sampled)
     assert set(pool.methods) - {m for _, m in pairs} == refused

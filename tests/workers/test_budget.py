@@ -175,15 +175,15 @@ def test_plain_steps_keep_every_arms_output_and_say_why(budget_engine, from_batc
 
 
 @pytest.mark.parametrize("cut", [False, True])
-def test_sampled_drafts_are_cut_only_where_the_pool_allows_it(budget_engine, cut):
-    """A sampled request's drafts from a distribution (sps, early_exit) are never cut by default: they draft on
-    however little they pay. With `cut_sampled_drafts` the budget prices them like any other: where no token pays
-    they are not drafted at all, and the request is sampled AR (position-keyed noise: the same tokens as AR with
-    the same seed)."""
+def test_sampled_drafts_are_capped_only_where_the_pool_allows_it(budget_engine, cut):
+    """A sampled request's drafts from a distribution (sps, early_exit) are never capped by default: they draft
+    on however little they pay. With `cap_sampled_drafts` the budget caps them before they are drafted, like any
+    arm that pays to draft: where no token pays they are not drafted at all, and the request is sampled AR
+    (position-keyed noise: the same tokens as AR with the same seed)."""
     scheduler = budget_engine.scheduler
     saved = scheduler.curve, scheduler.guard, scheduler.cfg
     scheduler.curve, scheduler.guard = CostCurve((1, 2), (1.0, 2.0)), None
-    scheduler.cfg = replace(saved[2], cut_sampled_drafts=cut)
+    scheduler.cfg = replace(saved[2], cap_sampled_drafts=cut)
     try:
         params = SamplingParams(max_tokens=20, temperature=0.9, seed=7, ignore_eos=True)
         requests = [Request(prompt=f"def k{i}(q):\n    return q //", method=m, params=params)
