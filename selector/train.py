@@ -163,10 +163,22 @@ def make_estimator(kind: str, n_methods: int, seed: int = 0, n_base: int = len(B
     raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
 
 
+def fit_estimator(estimator, kind: str, x: np.ndarray, y: np.ndarray):
+    """Fit; k-NN first merges rows with identical features into one with their mean target. The service log holds
+    the same request on the same arm many times: with distance weights, duplicates of a queried point sit at
+    distances that are float noise (1e-8 or 0, depending on the BLAS's threads), so their weights, and the
+    prediction, changed from one process to the next (a router refused a retrained knn file for it)."""
+    if kind == "knn":
+        x, inverse = np.unique(x, axis=0, return_inverse=True)
+        inverse = inverse.ravel()
+        y = np.bincount(inverse, weights=y) / np.bincount(inverse)
+    return estimator.fit(x, y)
+
+
 def fit_model(table: Table, kind: str, seed: int = 0, meta: dict | None = None) -> SelectorModel:
     methods = table.methods
     x, _ = design(table, methods)
-    estimator = make_estimator(kind, len(methods), seed).fit(x, np.log(table.tps))
+    estimator = fit_estimator(make_estimator(kind, len(methods), seed), kind, x, np.log(table.tps))
     info = {"kind": kind, "data_hash": table.data_hash, "n_records": len(table), "feature_version": FEATURE_VERSION,
             "feature_names": feature_names(methods)} | (meta or {})
     return SelectorModel(estimator, methods, info)
@@ -193,7 +205,7 @@ def oof_predictions(table: Table, kind: str, n_splits: int = 5, seed: int = 0,
     pred = np.zeros(len(table))
     n_groups = len(set(table.group.tolist()))
     for train, test in GroupKFold(n_splits=min(n_splits, n_groups)).split(x, y, table.group):
-        est = make_estimator(kind, len(methods), seed, n_base).fit(x[train], y[train])
+        est = fit_estimator(make_estimator(kind, len(methods), seed, n_base), kind, x[train], y[train])
         pred[test] = est.predict(x[test])
     return pred
 
