@@ -382,7 +382,7 @@ class Router:
         return self._inflight[pool] / max(1, spec.num_replicas * spec.max_ongoing_requests)
 
     def _hardware(self, pool: str) -> dict[str, float | str]:
-        """The pool's profile as the rules read it, and whether its step loop cuts sampled drafts."""
+        """The pool's profile as the rules read it, and whether its step loop caps sampled drafts."""
         spec = self.pools[pool]
         return {**spec.hardware, "caps_sampled_drafts": float(spec.cap_sampled_drafts)}
 

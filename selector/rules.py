@@ -83,15 +83,15 @@ Rule = Callable[[str, ArmSpec | None, PoolInfo, RequestFacts], "str | None"]
 PLACEMENTS = frozenset({"second_device", "alone_when_sampled"})   # placement needs (not worker resources)
 
 
-def _known(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
+def _known(method: str, arm: ArmSpec | None, pool: PoolInfo, facts: RequestFacts) -> str | None:
     return None if arm is not None else f"{method} is not a known arm"
 
 
-def _installed(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
+def _installed(method: str, arm: ArmSpec | None, pool: PoolInfo, facts: RequestFacts) -> str | None:
     return None if method in pool.methods else f"{method} is not installed on pool {pool.name}"
 
 
-def _resources(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
+def _resources(method: str, arm: ArmSpec | None, pool: PoolInfo, facts: RequestFacts) -> str | None:
     have = pool.hardware.get("resources")
     if have is None:                          # the profile does not list them: trust `methods`
         return None
@@ -99,7 +99,7 @@ def _resources(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFac
     return f"{method} needs {', '.join(missing)}, which pool {pool.name} lacks" if missing else None
 
 
-def _tokenizer(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
+def _tokenizer(method: str, arm: ArmSpec | None, pool: PoolInfo, facts: RequestFacts) -> str | None:
     if "drafter" not in arm.requires:
         return None
     target, drafter = pool.hardware.get("tokenizer"), pool.hardware.get("drafter_tokenizer")
@@ -108,18 +108,18 @@ def _tokenizer(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFac
     return f"{method}'s drafter on pool {pool.name} does not share the target's tokenizer"
 
 
-def _constraint(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
-    return None if not ask.has_constraint or arm.constraint_capable else f"{method} cannot run under a constraint"
+def _constraint(method: str, arm: ArmSpec | None, pool: PoolInfo, facts: RequestFacts) -> str | None:
+    return None if not facts.has_constraint or arm.constraint_capable else f"{method} cannot run under a constraint"
 
 
-def _second_device(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
+def _second_device(method: str, arm: ArmSpec | None, pool: PoolInfo, facts: RequestFacts) -> str | None:
     if "second_device" not in arm.requires:
         return None
     idle = float(pool.hardware.get("idle_devices", float(pool.hardware.get("devices", 1)) - 1))
     return None if idle >= 1 else f"{method} needs an idle second device; pool {pool.name} has {idle + 1:g}"
 
 
-def _alone_when_sampled(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: RequestFacts) -> str | None:
+def _alone_when_sampled(method: str, arm: ArmSpec | None, pool: PoolInfo, facts: RequestFacts) -> str | None:
     """A sampled request's drafts from a distribution (sps's drafter, early_exit's shallow layers) are never cut by
     the draft budget (a batch-dependent cut would change its sample), and every request batched with it waits for
     each drafted token each step: measured through the service, each such batchmate added 22-32 ms per token
@@ -127,7 +127,7 @@ def _alone_when_sampled(method: str, arm: ArmSpec | None, pool: PoolInfo, ask: R
     request's own tokens/s, which the model predicts, does not show that. So such an arm serves a sampled
     request only on a pool with nothing else running, unless the pool's budget caps sampled drafts too
     (`cap_sampled_drafts`); a client naming the arm still gets it."""
-    if not ask.sampled or "alone_when_sampled" not in arm.requires or pool.hardware.get("caps_sampled_drafts"):
+    if not facts.sampled or "alone_when_sampled" not in arm.requires or pool.hardware.get("caps_sampled_drafts"):
         return None
     running = float(pool.batch.get("load_running", 0.0)) if pool.batch else 0.0
     if running < 1:
@@ -145,9 +145,9 @@ def allowed(method: str, pool: PoolInfo, has_constraint: bool, arms: Mapping[str
     """(True, "ok") when `method` may serve this request on `pool`, else (False, the first rule's reason)."""
     if method == ALWAYS_ALLOWED:
         return True, f"{ALWAYS_ALLOWED} is always allowed"
-    arm, ask = arms.get(method), RequestFacts(has_constraint, sampled)
+    arm, facts = arms.get(method), RequestFacts(has_constraint, sampled)
     for rule in RULES:
-        if (reason := rule(method, arm, pool, ask)) is not None:
+        if (reason := rule(method, arm, pool, facts)) is not None:
             return False, reason
     return True, "ok"
 

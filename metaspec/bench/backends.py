@@ -97,7 +97,8 @@ class EngineBackend:
 
         name, opts = arm_variant(method) if method else (None, {})
         if name == "pearl":   # this load's drafter settings (a plain "pearl" gets the defaults back)
-            self.engine.resources["pearl_config"] = PearlConfig(**{k: v for k, v in opts.items() if k in VARIANT_OPTIONS["pearl"]})
+            settings = {k: v for k, v in opts.items() if k in VARIANT_OPTIONS["pearl"]}
+            self.engine.resources["pearl_config"] = PearlConfig(**settings)
         self.engine.scheduler.guard = self._guarded() if opts.get("guard") else self._default_guard
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, seed=0, ignore_eos=ignore_eos)
         return lambda r: self._send(Request(prompt_ids=r.ids, params=params, method=name))
