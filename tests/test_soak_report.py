@@ -18,7 +18,7 @@ def _timeline(worker_end_mib: float = 510.0) -> Timeline:
     tl.redis_keys = [(5.0, 4), (21.0, -1), (25.0, 4)]
     tl.tables = [(10.0, {"connected": True, "syncs": 3, "errors": 0, "ngram_contexts": 700}),
                  (40.0, {"connected": True, "syncs": 9, "errors": 1, "ngram_contexts": 2100}),
-                 (59.0, {"connected": False, "syncs": 0, "errors": 0, "ngram_contexts": 1900})]   # last: a fresh replica
+                 (59.0, {"connected": False, "syncs": 0, "errors": 0, "ngram_contexts": 1900})]   # a fresh replica
     return tl
 
 

@@ -174,8 +174,8 @@ def test_plain_steps_keep_every_arms_output_and_say_why(budget_engine, from_batc
         assert plain == 0 and not said and sum(g.stats.accepted for g in got) > 0
 
 
-@pytest.mark.parametrize("cut", [False, True])
-def test_sampled_drafts_are_capped_only_where_the_pool_allows_it(budget_engine, cut):
+@pytest.mark.parametrize("cap", [False, True])
+def test_sampled_drafts_are_capped_only_where_the_pool_allows_it(budget_engine, cap):
     """A sampled request's drafts from a distribution (sps, early_exit) are never capped by default: they draft
     on however little they pay. With `cap_sampled_drafts` the budget caps them before they are drafted, like any
     arm that pays to draft: where no token pays they are not drafted at all, and the request is sampled AR
@@ -183,7 +183,7 @@ def test_sampled_drafts_are_capped_only_where_the_pool_allows_it(budget_engine, 
     scheduler = budget_engine.scheduler
     saved = scheduler.curve, scheduler.guard, scheduler.cfg
     scheduler.curve, scheduler.guard = CostCurve((1, 2), (1.0, 2.0)), None
-    scheduler.cfg = replace(saved[2], cap_sampled_drafts=cut)
+    scheduler.cfg = replace(saved[2], cap_sampled_drafts=cap)
     try:
         params = SamplingParams(max_tokens=20, temperature=0.9, seed=7, ignore_eos=True)
         requests = [Request(prompt=f"def k{i}(q):\n    return q //", method=m, params=params)
@@ -193,7 +193,7 @@ def test_sampled_drafts_are_capped_only_where_the_pool_allows_it(budget_engine, 
     finally:
         scheduler.curve, scheduler.guard, scheduler.cfg = saved
     drafted = [g.stats.drafted for g in got]
-    if cut:
+    if cap:
         assert drafted == [0, 0] and [g.token_ids for g in got] == [a.token_ids for a in ar]
     else:
         assert all(d > 0 for d in drafted) and sum(g.stats.budget_cut for g in got) == 0
