@@ -40,8 +40,8 @@ def arm_specs(registered: Mapping[str, tuple[str, Iterable[str], Iterable[str]]]
     must send it (the registry's `placement`, e.g. PEARL's "second_device"). Pure and torch-free: the router gets
     this table as data (deploy/app.py reads the registry when it builds).
 
-    >>> arm_specs({"pearl": ("parallel drafting", ("drafter",), ("second_device",))})["pearl"].requires
-    frozenset({'drafter', 'second_device'})
+    >>> sorted(arm_specs({"pearl": ("parallel drafting", ("drafter",), ("second_device",))})["pearl"].requires)
+    ['drafter', 'second_device']
     """
     return {name: ArmSpec(frozenset(requires) | frozenset(placement), description=description)
             for name, (description, requires, placement) in registered.items()}

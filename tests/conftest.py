@@ -203,12 +203,27 @@ def tiny_pair(tmp_path_factory, tiny_tokenizer_dir) -> Pair:
 
 @pytest.fixture(scope="session")
 def small_vocab_pair(tmp_path_factory) -> Pair:
-    """Two unrelated random Llamas over a 12-token vocabulary (no tokenizer): exact distributions are enumerable."""
+    """Two unrelated random Llamas over a 12-token vocabulary: exact distributions are enumerable. Each carries a
+    word-level tokenizer of those 12 tokens, so an Engine (which loads one) can serve them by prompt ids."""
     root = tmp_path_factory.mktemp("small_vocab")
     conf = llama_config(12, hidden_size=32, intermediate_size=64, max_position_embeddings=64, initializer_range=0.3)
+    tok = word_tokenizer(conf.vocab_size)
     for name, seed in (("target", 10), ("drafter", 11)):
         random_llama(conf, seed=seed).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
     return Pair(str(root / "target"), str(root / "drafter"))
+
+
+def word_tokenizer(vocab_size: int):
+    """The special tokens at ids 0..3, then one word per id ("w4", "w5", ...), split on whitespace."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)} | {f"w{i}": i for i in range(len(SPECIAL_TOKENS), vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
 
 
 def local_resources(vocab_size: int) -> dict:
