@@ -47,11 +47,8 @@ def analyse(records: list[dict], sampled_arm: str = "sps") -> dict:
         wall = {i: {a: rec["wall_s"] for a, rec in by_arm.items()} for i, by_arm in full.items()}
         best = min(arms, key=lambda a: sum(w[a] for w in wall.values()))
         base = sum(w[best] for w in wall.values())
-
-        def sampled(i: int) -> bool:
-            return full[i][best]["temperature"] > 0
         chosen = sum(wall[i].get(reqs[i]["method"], math.nan) for i in wall)
-        two = sum(wall[i][sampled_arm if sampled(i) else best] for i in wall)
+        two = sum(wall[i][sampled_arm if full[i][best]["temperature"] > 0 else best] for i in wall)
         mixing: dict[str, list[float]] = defaultdict(list)
         for i, r in reqs.items():
             ref = full.get(i, {}).get(r["method"])
