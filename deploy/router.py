@@ -22,6 +22,7 @@ import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
 from pathlib import Path
@@ -103,6 +104,7 @@ class Router:
         self.metrics = ServiceMetrics()
         self._infos: dict[str, WorkerInfo] = {}
         self._inflight = {name: 0 for name in self.pools}
+        self._drafting: dict[str, Counter[str]] = {name: Counter() for name in self.pools}   # in flight, by kind
         self.watch = PoolWatch({n: h.deployment_name for n, h in workers.items()}, spec.pool_watch_s)
         self.access = Access(access_config(spec))
         self.chat_template = openai_http.ChatTemplate(pools[0].tokenizer or pools[0].target)
@@ -172,7 +174,7 @@ class Router:
         (counted) Status on failure."""
         receipt = receipt if receipt is not None else Receipt()
         request = self._request_for(call, choice)
-        self._enter(choice.pool)
+        self._enter(choice)
         left = None if timeout_s is None else max(0.0, timeout_s - (time.perf_counter() - t0))
         try:
             async with asyncio.timeout(left):   # the deadline counts from the request's arrival (t0)
@@ -183,7 +185,7 @@ class Router:
         except Exception as exc:
             raise await self._failed(call, choice, rid, t0, exc, receipt) from None
         finally:
-            self._leave(choice.pool)
+            self._leave(choice)
         wall = time.perf_counter() - t0
         ttft = (wall - result.wall_s) + result.ttft_s   # router overhead before the worker started + worker ttft
         await self._record(call, choice, rid, "OK", t0, result, ttft, receipt)
@@ -196,7 +198,7 @@ class Router:
         worker's request."""
         receipt = receipt if receipt is not None else Receipt()
         request = self._request_for(call, choice)
-        self._enter(choice.pool)
+        self._enter(choice)
         done, ttft = False, None
         deadline = None if timeout_s is None else t0 + timeout_s
         try:
@@ -218,7 +220,7 @@ class Router:
         except Exception as exc:
             raise await self._failed(call, choice, rid, t0, exc, receipt) from None
         finally:
-            self._leave(choice.pool)
+            self._leave(choice)
 
     async def _failed(self, call: GenerateCall, choice: Choice, rid: str, t0: float, exc: BaseException,
                       receipt: Receipt) -> Status:
@@ -387,18 +389,26 @@ class Router:
         return {**spec.hardware, "caps_sampled_drafts": float(spec.cap_sampled_drafts)}
 
     def _batch(self, pool: str) -> dict[str, float]:
-        """The selector's load features of the pool's replicas, from this router's own in-flight count (no call
-        to the workers: requests in flight spread over the replicas' KV slots)."""
+        """The selector's load features of the pool's replicas, from this router's own in-flight counts (no call
+        to the workers: requests in flight, and how many of them draft by lookup or with a model, spread over the
+        replicas' KV slots)."""
         spec = self.pools[pool]
-        return inflight_load_features(self._inflight[pool], spec.num_replicas, spec.max_batch)
+        return inflight_load_features(self._inflight[pool], spec.num_replicas, spec.max_batch,
+                                      self._drafting[pool])
 
-    def _enter(self, pool: str) -> None:
-        self._inflight[pool] += 1
-        self.metrics.set_inflight(pool, self._inflight[pool])
+    def _drafts(self, method: str) -> str:
+        spec = self.arms.get(method)
+        return spec.drafts if spec is not None else "none"
 
-    def _leave(self, pool: str) -> None:
-        self._inflight[pool] -= 1
-        self.metrics.set_inflight(pool, self._inflight[pool])
+    def _enter(self, choice: Choice) -> None:
+        self._inflight[choice.pool] += 1
+        self._drafting[choice.pool][self._drafts(choice.method)] += 1
+        self.metrics.set_inflight(choice.pool, self._inflight[choice.pool])
+
+    def _leave(self, choice: Choice) -> None:
+        self._inflight[choice.pool] -= 1
+        self._drafting[choice.pool][self._drafts(choice.method)] -= 1
+        self.metrics.set_inflight(choice.pool, self._inflight[choice.pool])
 
     async def _record(self, call: GenerateCall, choice: Choice, rid: str, status: str, t0: float,
                       result: Result | None = None, ttft_s: float = 0.0, receipt: Receipt | None = None) -> None:

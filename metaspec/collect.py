@@ -184,13 +184,15 @@ def run_batch(engine, requests: list) -> list:
                 engine.cancel(out.seq)
 
 
-def batch_load(engine, level: int) -> dict[str, float]:
-    """The load each of `level` requests submitted together joins: its level - 1 peers, on the replica as it
-    is now (the router sees the same counters before it adds a request)."""
+def batch_load(engine, level: int, drafts: str = "none") -> dict[str, float]:
+    """The load each of `level` requests submitted together joins: its level - 1 peers, all of one arm whose
+    drafts are of kind `drafts` (the registry's), on the replica as it is now (the router sees the same
+    counters before it adds a request)."""
     free, slots = engine.pool.free, engine.pool.slots
     peers, base = level - 1, engine.scheduler.load
     running = base["running"] + min(peers, free)
-    return load_features(running, base["waiting"] + max(0, peers - free), free - min(peers, free), slots)
+    return load_features(running, base["waiting"] + max(0, peers - free), free - min(peers, free), slots,
+                         {drafts: min(peers, free)})
 
 
 def _outcome(run: Prepared, method: str, cfg: CollectConfig, feats: dict, t: float, max_tokens: int, level: int,
@@ -221,12 +223,13 @@ def run_group(cfg: CollectConfig, engine, group: list[Prepared], recorded: int, 
         temperature=t, max_tokens=n, ignore_eos=cfg.ignore_eos, seed=zlib.crc32(f"{cfg.seed}/{r.prompt.prompt_id}"
                                                                                   .encode())))
                 for r, n in zip(group, lengths)]
-    pool = pool_feats(level)
     inputs = [RequestInput(r.ids, r.text, n, t, 1.0, r.constraint is not None) for r, n in zip(group, lengths)]
-    feats = [{k: round(v, 6) for k, v in (request_features(i, hit_rate) | pool).items()}   # 6 decimals: half the file
-             | {"feature_version": float(FEATURE_VERSION)} for i in inputs]
+    own = [request_features(i, hit_rate) for i in inputs]
     outcomes, first = [], None
     for method in methods[turn % len(methods):] + methods[: turn % len(methods)]:
+        pool = pool_feats(level, method)
+        feats = [{k: round(v, 6) for k, v in (f | pool).items()}   # 6 decimals: half the file
+                 | {"feature_version": float(FEATURE_VERSION)} for f in own[:recorded]]
         results = run_batch(engine, [replace(q, method=method) for q in requests])
         first = first or results
         outcomes += [_outcome(group[i], method, cfg, feats[i], t, lengths[i], level, results[i], repeat)
@@ -241,11 +244,14 @@ def runs(cfg: CollectConfig, engine, prepared: list[Prepared], methods: list[str
     Prompts go in chunks of the highest level; each chunk runs at every temperature and level (batches of
     `level` of its prompts) before the shared n-gram table learns its outputs, so the table never holds a
     prompt's own continuation while that prompt is measured. Arms rotate per batch so drift hits all alike."""
+    from metaspec.workers.registry import arms
+
     table = engine.resources.get("ngram_table")
     hit_rate = ngram_tail_hit_rate(table) if table is not None else None
 
-    def pool_feats(level: int) -> dict[str, float]:    # pool_load as the router's: in flight / (max_batch + 4)
-        return pool_features(hardware, (level - 1) / (engine.pool.slots + 4), batch_load(engine, level))
+    def pool_feats(level: int, method: str) -> dict[str, float]:   # pool_load as the router's: / (max_batch + 4)
+        return pool_features(hardware, (level - 1) / (engine.pool.slots + 4),
+                             batch_load(engine, level, arms()[method].drafts))
 
     turn = 0
     for repeat in range(cfg.repeats):

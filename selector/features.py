@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FEATURE_VERSION = 2                  # 2: the pool's batch load (load_features); 1 lacked it
+FEATURE_VERSION = 3                  # 3: the batch's drafting mix; 2: the pool's batch load; 1: neither
+DRAFT_KINDS = ("lookup", "model")    # the registry's `drafts` kinds a load feature counts ("none" = the rest)
 ACCELERATORS = ("cpu", "T4", "L4", "A10G", "V100", "A100", "H100", "H200", "other")  # one-hot order
 TAIL_TOKENS = 64                     # the prompt tail whose repetition best predicts prompt-lookup hits
 _CODE_PUNCT = b"{}[]();:<>_#\\|`'\"@$&"
@@ -159,20 +160,29 @@ def ngram_tail_hit_rate(table, order: int = 3, tail: int = 32) -> Callable[[Sequ
     return hit_rate
 
 
-def load_features(running: int, waiting: int, slots_free: int, slots: int) -> dict[str, float]:
-    """The replica's batch at choice time, from the worker's cheap counters: requests in the step loop's batch,
-    requests queued for a KV slot, and the share of KV slots held. The request being chosen for is not counted.
+def load_features(running: float, waiting: float, slots_free: float, slots: int,
+                  drafting: Mapping[str, float] | None = None) -> dict[str, float]:
+    """The replica's batch at choice time, from cheap counters: requests in the step loop's batch, requests
+    queued for a KV slot, the share of KV slots held, and how many of the running requests draft by lookup
+    (pld, recycling, ngram_store: extra tokens in the forward) and with a model (sps, pearl, early_exit: a
+    drafter forward too), by the registry's `drafts` (`drafting`: kind -> running requests). The request being
+    chosen for is not counted.
 
-    >>> load_features(running=3, waiting=0, slots_free=13, slots=16)
-    {'load_running': 3.0, 'load_running_log': 1.3862943611198906, 'load_waiting': 0.0, 'load_kv_used': 0.1875}
+    >>> load_features(running=3, waiting=0, slots_free=13, slots=16, drafting={"model": 2})
+    {'load_running': 3.0, 'load_running_log': 1.3862943611198906, 'load_waiting': 0.0, 'load_kv_used': 0.1875, \
+'load_lookup_drafting': 0.0, 'load_model_drafting': 2.0}
     """
     slots = max(int(slots), 1)
-    return {
-        "load_running": float(max(running, 0)),
-        "load_running_log": math.log1p(max(running, 0)),
+    running = max(float(running), 0.0)
+    feats = {
+        "load_running": running,
+        "load_running_log": math.log1p(running),
         "load_waiting": float(max(waiting, 0)),
         "load_kv_used": min(max(1.0 - slots_free / slots, 0.0), 1.0),
     }
+    feats.update({f"load_{kind}_drafting": min(float((drafting or {}).get(kind, 0.0)), running)
+                  for kind in DRAFT_KINDS})
+    return feats
 
 
 IDLE_LOAD = load_features(0, 0, 1, 1)   # what feature-version-1 records (collected one request at a time) saw
@@ -187,16 +197,22 @@ def worker_load_features(stats, slots: int | None = None) -> dict[str, float]:
     return load_features(running, waiting, total - running if free is None else int(free), total)
 
 
-def inflight_load_features(inflight: int, replicas: int, max_batch: int) -> dict[str, float]:
+def inflight_load_features(inflight: int, replicas: int, max_batch: int,
+                           drafting: Mapping[str, int] | None = None) -> dict[str, float]:
     """load_features from what a router counts itself, with no call to the workers: its requests in flight on a
-    pool, spread evenly over the pool's replicas of `max_batch` KV slots each.
+    pool (`drafting`: how many of them by the kind of their arm's drafts), spread evenly over the pool's replicas
+    of `max_batch` KV slots each; the running share of each kind is its share of what is in flight.
 
     >>> inflight_load_features(inflight=40, replicas=2, max_batch=16)["load_waiting"]
+    4.0
+    >>> inflight_load_features(inflight=40, replicas=2, max_batch=16, drafting={"model": 10})["load_model_drafting"]
     4.0
     """
     per_replica = max(inflight, 0) / max(replicas, 1)
     running = min(per_replica, max_batch)
-    return load_features(running, per_replica - running, max_batch - running, max_batch)
+    share = running / per_replica / max(replicas, 1) if per_replica else 0.0
+    return load_features(running, per_replica - running, max_batch - running, max_batch,
+                         {kind: n * share for kind, n in (drafting or {}).items()})
 
 
 def pool_features(hardware: Mapping[str, float | str], load: float,
@@ -217,14 +233,28 @@ def pool_features(hardware: Mapping[str, float | str], load: float,
     return feats
 
 
-def upgrade(features: Mapping[str, float]) -> dict[str, float] | None:
-    """A recorded feature dict in this version's terms, or None when it cannot be (an unknown version).
-    Version 1 lacked the load features: its records were collected on an idle replica, so they get IDLE_LOAD."""
+def upgrade(features: Mapping[str, float], peers_drafts: str | None = None) -> dict[str, float] | None:
+    """A recorded feature dict in this version's terms, or None when it cannot be (an unknown version, or a
+    version-2 record whose batch's drafting mix is unknown). Version 1 lacked the load features: its records
+    were collected on an idle replica, so they get IDLE_LOAD. Version 2 lacked the drafting mix: `peers_drafts`
+    is the `drafts` kind every peer in the batch ran (collect's batches run one arm: the record's own), None
+    for a service's log (its batch-mates ran whatever the router chose: not recorded, so the record is dropped).
+
+    >>> upgrade({"feature_version": 2.0, "load_running": 3.0}, "model")["load_model_drafting"]
+    3.0
+    >>> upgrade({"feature_version": 2.0, "load_running": 3.0}) is None
+    True
+    """
     version = features.get("feature_version", FEATURE_VERSION)
     if version == FEATURE_VERSION:
         return dict(features)
     if version == 1:
         return {**IDLE_LOAD, **features, "feature_version": float(FEATURE_VERSION)}
+    if version == 2 and peers_drafts is not None:
+        running = float(features.get("load_running", 0.0))
+        mix = load_features(running, 0, 1, 1, {peers_drafts: running})
+        return {**features, **{k: mix[k] for k in mix if k.endswith("_drafting")},
+                "feature_version": float(FEATURE_VERSION)}
     return None
 
 

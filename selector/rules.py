@@ -29,22 +29,24 @@ class ArmSpec:
     requires: frozenset[str] = frozenset()    # resources the arm cannot run without ("drafter", "ngram_table"...)
     constraint_capable: bool = True           # may run under a grammar constraint (every arm, for now)
     description: str = ""                     # the registry's one line (ListMethods, GET /v1/models)
+    drafts: str = "none"                      # what its drafts cost the batch: "none", "lookup" or "model"
 
 
 ALWAYS_ALLOWED = "ar"
 
 
-def arm_specs(registered: Mapping[str, tuple[str, Iterable[str], Iterable[str]]]) -> dict[str, ArmSpec]:
-    """The rules' table from `name -> (description, requires, placement)`, the shape of
+def arm_specs(registered: Mapping[str, tuple[str, Iterable[str], Iterable[str], str]]) -> dict[str, ArmSpec]:
+    """The rules' table from `name -> (description, requires, placement, drafts)`, the shape of
     `workers.worker.registered_methods()`: an arm's requirements are its worker resources plus where the router
     must send it (the registry's `placement`, e.g. PEARL's "second_device"). Pure and torch-free: the router gets
     this table as data (deploy/app.py reads the registry when it builds).
 
-    >>> sorted(arm_specs({"pearl": ("parallel drafting", ("drafter",), ("second_device",))})["pearl"].requires)
-    ['drafter', 'second_device']
+    >>> spec = arm_specs({"pearl": ("parallel drafting", ("drafter",), ("second_device",), "model")})["pearl"]
+    >>> sorted(spec.requires), spec.drafts
+    (['drafter', 'second_device'], 'model')
     """
-    return {name: ArmSpec(frozenset(requires) | frozenset(placement), description=description)
-            for name, (description, requires, placement) in registered.items()}
+    return {name: ArmSpec(frozenset(requires) | frozenset(placement), description=description, drafts=drafts)
+            for name, (description, requires, placement, drafts) in registered.items()}
 
 
 @functools.cache
@@ -52,7 +54,7 @@ def specs_from_registry() -> dict[str, ArmSpec]:
     """The arm table read from the workers' registry (imports torch: the app builder and offline tools only)."""
     from metaspec.workers.registry import arms
 
-    return arm_specs({name: (arm.description, arm.requires, arm.placement) for name, arm in arms().items()})
+    return arm_specs({name: (arm.description, arm.requires, arm.placement, arm.drafts) for name, arm in arms().items()})
 
 
 class _RegistryArms(Mapping[str, ArmSpec]):

@@ -21,6 +21,7 @@ import numpy as np
 
 from .features import FEATURE_VERSION, POOL_FEATURES, REQUEST_FEATURES, upgrade
 from .model import SelectorModel, feature_names
+from .rules import DEFAULT_ARMS
 from .types import Outcome
 
 BASE_FEATURES = (*REQUEST_FEATURES, *POOL_FEATURES)
@@ -91,12 +92,21 @@ def concurrency_of(o: Outcome, features: dict[str, float]) -> int:
     return o.concurrency or load_level(features.get("load_running", 0.0) + features.get("load_waiting", 0.0))
 
 
+def _peers_drafts(o: Outcome) -> str | None:
+    """The `drafts` kind of a collect record's batch-mates (collect runs one arm a batch: the record's own);
+    None for any other record, whose batch-mates the log does not say."""
+    if o.source != "collect" or o.features.get("feature_version") == FEATURE_VERSION:
+        return None
+    spec = DEFAULT_ARMS.get(o.method)
+    return spec.drafts if spec is not None else None
+
+
 def build_table(outcomes: list[Outcome]) -> Table:
     """Usable records only: status OK, tokens/s > 0, features of this FEATURE_VERSION (or one `upgrade` brings to
-    it) with every key present."""
+    it: a version-2 service record cannot be) with every key present."""
     rows, used, conc, skipped = [], [], [], 0
     for o in outcomes:
-        f = upgrade(o.features)
+        f = upgrade(o.features, _peers_drafts(o))
         if o.status != "OK" or o.tokens_per_s <= 0 or f is None or any(k not in f for k in BASE_FEATURES):
             skipped += 1
             continue

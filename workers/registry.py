@@ -33,20 +33,29 @@ class Arm:
     description: str                               # one line for ListMethods / --help
     placement: frozenset[str] = frozenset()        # what the router must find on a pool to send it there, which
                                                    # no worker resource says ("second_device": an idle one)
+    drafts: str = "none"                           # what its drafts cost the batch (DRAFT_KINDS)
+
+
+DRAFT_KINDS = ("none", "lookup", "model")          # no drafts (AR); drafts looked up in a table or the context;
+                                                   # drafts from a model forward (a drafter, the target's layers)
 
 
 _ARMS: dict[str, Arm] = {}
 
 
-def register(name: str, requires: tuple[str, ...] = (), description: str = "", placement: tuple[str, ...] = ()):
-    """Decorator: `@register("pld")` over a factory `(ArmContext) -> Proposer`. The registry is the one table of
-    arms: the selector's rules read `requires` and `placement` from it (selector/rules.specs_from_registry)."""
+def register(name: str, *, drafts: str, requires: tuple[str, ...] = (), description: str = "",
+             placement: tuple[str, ...] = ()):
+    """Decorator: `@register("pld", drafts="lookup")` over a factory `(ArmContext) -> Proposer`. The registry is
+    the one table of arms: the selector's rules read `requires` and `placement` from it, and the router counts
+    the running requests by `drafts` for the selector's load features (selector/rules.specs_from_registry)."""
+    if drafts not in DRAFT_KINDS:
+        raise ValueError(f"arm {name!r}: drafts={drafts!r}, not one of {DRAFT_KINDS}")
 
     def wrap(factory: Callable[[ArmContext], Proposer]):
         if name in _ARMS:
             raise ValueError(f"arm {name!r} registered twice")
         _ARMS[name] = Arm(name, factory, frozenset(requires), description or (factory.__doc__ or "").strip(),
-                          frozenset(placement))
+                          frozenset(placement), drafts)
         return factory
 
     return wrap

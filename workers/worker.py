@@ -182,7 +182,7 @@ def _placed(pearl: PearlConfig, bundle: int | None) -> PearlConfig:
     return replace(pearl, drafter_visible_devices=drafter_visible_devices(bundle))
 
 
-def registered_methods() -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...]]]:
-    """Every registered arm: name -> (description, required resources, placement needs)."""
-    return {name: (arm.description, tuple(sorted(arm.requires)), tuple(sorted(arm.placement)))
+def registered_methods() -> dict[str, tuple[str, tuple[str, ...], tuple[str, ...], str]]:
+    """Every registered arm: name -> (description, required resources, placement needs, what it drafts with)."""
+    return {name: (arm.description, tuple(sorted(arm.requires)), tuple(sorted(arm.placement)), arm.drafts)
             for name, arm in sorted(arms().items())}

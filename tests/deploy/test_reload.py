@@ -233,6 +233,26 @@ def test_token_ids_outside_the_vocabulary_are_invalid_argument_under_the_learnt_
     assert client.generate("still serving", max_tokens=1).completion_tokens == 1
 
 
+def test_the_batchs_drafting_mix_reaches_the_recorded_features(client, app):
+    """A request chosen while another drafts with a model on its pool records it (load_model_drafting), from the
+    router's own in-flight counts by the registry's `drafts`; the same request on an idle pool records none.
+    Three tries: the long stream may end before the probe is chosen (then a try shows no peer at all)."""
+    long = dict(max_tokens=600, ignore_eos=True, method="sps")
+    client.generate("mix idle", max_tokens=2, method="sps", request_id="mix-idle")
+    assert logged(app)["mix-idle"].features["load_model_drafting"] == 0.0
+    seen = []
+    for i in range(3):
+        stream = client.stream("mix long", request_id=f"mix-long-{i}", **long)
+        next(stream)                                     # in flight now
+        client.generate("mix probe", max_tokens=2, method="sps", request_id=f"mix-probe-{i}")
+        stream.close()
+        feats = logged(app)[f"mix-probe-{i}"].features
+        seen.append((feats["load_running"], feats["load_model_drafting"], feats["load_lookup_drafting"]))
+        if seen[-1] == (1.0, 1.0, 0.0):
+            break
+    assert seen[-1] == (1.0, 1.0, 0.0), seen
+
+
 def test_api_keys_rotate_and_quotas_apply_in_place_through_user_config(app, client):
     """`serve deploy` with a changed Router user_config: keys are required, then rotated, and a key over its
     request quota answers RESOURCE_EXHAUSTED; no Router replica restarts. (Last: it leaves the app without keys.)"""

@@ -11,6 +11,7 @@ import pytest
 from metaspec.cli import main
 from metaspec.selector.features import LOAD_FEATURES, POOL_FEATURES, REQUEST_FEATURES
 from metaspec.selector.train import build_table, by_request, load_outcomes
+from metaspec.workers.registry import arms
 
 from ..conftest import data_dir
 
@@ -51,6 +52,9 @@ def test_records_carry_the_load_and_the_request(collected):
         assert set(REQUEST_FEATURES) | set(POOL_FEATURES) <= set(o.features)
         assert o.features["temperature"] == o.temperature
         assert o.features["load_running"] == o.concurrency - 1 and o.features["load_waiting"] == 0
+        drafts = arms()[o.method].drafts                   # its batch-mates ran its own arm
+        assert o.features["load_model_drafting"] == (o.concurrency - 1) * (drafts == "model")
+        assert o.features["load_lookup_drafting"] == (o.concurrency - 1) * (drafts == "lookup")
         assert 0 <= o.features["load_kv_used"] < 1 and o.batch_mean >= 1
         assert o.has_constraint == (o.category == "json_schema") == bool(o.features["has_constraint"])
         assert o.acceptance_length >= 1.0

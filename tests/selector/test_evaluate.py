@@ -12,11 +12,11 @@ import pytest
 from metaspec.cli import main
 from metaspec.selector.evaluate import cross_validated, slice_requests
 from metaspec.selector.features import (FEATURE_VERSION, IDLE_LOAD, LOAD_FEATURES, POOL_FEATURES,
-                                        inflight_load_features, load_features, pool_features, upgrade,
-                                        worker_load_features)
+                                        inflight_load_features, load_features, pool_features, request_features,
+                                        upgrade, worker_load_features)
 from metaspec.selector.report import format_table
 from metaspec.selector.selector import Selector, SelectorConfig
-from metaspec.selector.train import build_table, by_request, fit_model
+from metaspec.selector.train import BASE_FEATURES, build_table, by_request, fit_model
 from metaspec.selector.types import Outcome, PoolInfo
 
 from .synth import HARDWARE, synthetic_load_outcomes, synthetic_outcomes
@@ -43,6 +43,11 @@ def test_load_features_are_pure_and_bounded():
     assert worker_load_features(full) == load_features(3, 0, 10, 16)
     assert inflight_load_features(40, 2, 16) == load_features(16, 4, 0, 16)
     assert inflight_load_features(3, 1, 16) == load_features(3, 0, 13, 16)
+    # the drafting mix: a kind's running share is its share of what is in flight, and never above the running
+    mixed = inflight_load_features(40, 2, 16, {"model": 10, "lookup": 30, "none": 0})
+    assert (mixed["load_model_drafting"], mixed["load_lookup_drafting"]) == (4.0, 12.0)
+    assert load_features(2, 0, 14, 16, {"model": 5})["load_model_drafting"] == 2.0
+    assert inflight_load_features(0, 1, 16, {"model": 0}) == IDLE_LOAD
     assert set(LOAD_FEATURES) <= set(POOL_FEATURES)
     assert pool_features(HARDWARE, 0.2, {"load_running": 5.0})["load_running"] == 5.0
     assert pool_features(HARDWARE, 0.2)["load_running"] == 0.0
@@ -60,7 +65,53 @@ def test_version_1_records_are_read_as_idle_and_unknown_versions_skipped():
     assert len(table) == len(v1) and table.skipped == 0 and set(table.concurrency.tolist()) == {1}
     alien = Outcome(**{**old[0].__dict__, "features": {**old[0].features, "feature_version": 99.0}})
     assert build_table([alien]).skipped == 1
-    assert FEATURE_VERSION == 2
+    assert FEATURE_VERSION == 3
+
+
+def test_version_2_collect_records_get_their_own_arm_as_the_batchs_and_service_records_are_skipped():
+    """Version 2 lacked the drafting mix. Collect ran one arm a batch, so its batch-mates drafted as the record's
+    own arm does (the registry's `drafts`); a service's batch-mates are not recorded, so its record is dropped."""
+    v3 = synthetic_load_outcomes(2, levels=(4,), temperatures=(0.0,))
+    v2 = [Outcome(**{**o.__dict__, "features": {k: v for k, v in o.features.items() if not k.endswith("_drafting")}
+                     | {"feature_version": 2.0}}) for o in v3]
+    table = build_table(v2)
+    assert len(table) == len(v2) and table.skipped == 0
+    col = {k: table.base[:, i] for i, k in enumerate(BASE_FEATURES)}
+    drafts = {"ar": (0.0, 0.0), "sps": (0.0, 3.0), "pld": (3.0, 0.0)}     # (lookup, model) of 3 batch-mates
+    assert [drafts[m] for m in table.method] == list(zip(col["load_lookup_drafting"], col["load_model_drafting"]))
+    served = [Outcome(**{**o.__dict__, "source": "service"}) for o in v2]
+    assert build_table(served).skipped == len(served)
+
+
+def test_the_batchs_drafting_mix_changes_the_choice():
+    """A planted winner that depends only on what the batch-mates draft with (same running count): among 3
+    model-drafting peers sps slows (its drafter forward queues behind theirs) and pld wins; among AR peers sps
+    wins. The selector must tell the two batches apart from load_model_drafting alone."""
+    from metaspec.selector.features import RequestInput
+
+    rng = np.random.default_rng(0)
+    out = []
+    for p in range(40):
+        ids = [int(t) for t in rng.integers(5, 500, 60)]
+        req = request_features(RequestInput(ids, " ".join(map(str, ids)), 64))
+        for peers in ("none", "model"):
+            feats = req | pool_features(HARDWARE, 0.2, load_features(3, 0, 13, 16, {peers: 3})) | {
+                "feature_version": float(FEATURE_VERSION)}
+            for m in ("sps", "pld"):
+                tps = {("sps", "none"): 150, ("pld", "none"): 100, ("sps", "model"): 70, ("pld", "model"): 100}[
+                    (m, peers)] * float(rng.uniform(0.95, 1.05))
+                out.append(Outcome(request_id=f"r{p}/{m}/{peers}", ts=0.0, source="collect", pool="cpu", method=m,
+                                   status="OK", features=feats, prompt_id=f"p{p}", completion_tokens=64,
+                                   wall_s=64 / tps, tokens_per_s=tps, max_tokens=64, concurrency=4))
+    selector = Selector(fit_model(build_table(out), "gb"), SelectorConfig(epsilon=0))
+    ids = list(range(100, 160))
+    inp = RequestInput(ids, " ".join(map(str, ids)), 64)
+
+    def pick(peers: str) -> str:
+        pool = PoolInfo("cpu", ("sps", "pld"), HARDWARE, 0.2, load_features(3, 0, 13, 16, {peers: 3}))
+        return selector.choose(inp, [pool]).method
+
+    assert (pick("none"), pick("model")) == ("sps", "pld")
 
 
 def test_slices_cover_every_level_and_temperature(outcomes, result):

@@ -14,6 +14,6 @@ class ARProposer:
         pass
 
 
-@register("ar", description="plain autoregressive decoding (one target forward per token)")
+@register("ar", drafts="none", description="plain autoregressive decoding (one target forward per token)")
 def build(ctx: ArmContext) -> ARProposer:
     return ARProposer()

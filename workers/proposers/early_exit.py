@@ -149,7 +149,7 @@ def propose_batch(proposers: list[EarlyExitProposer], seqs: list[list[int]], ks:
 EarlyExitProposer.propose_batch = staticmethod(propose_batch)
 
 
-@register("early_exit", placement=("alone_when_sampled",),   # selector/rules.py says why
+@register("early_exit", drafts="model", placement=("alone_when_sampled",),   # selector/rules.py says why
           description="self-speculation: the target's first L layers draft, L and k chosen per request")
 def build(ctx: ArmContext) -> EarlyExitProposer:
     if ctx.target_session is None:

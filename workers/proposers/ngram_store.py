@@ -65,7 +65,7 @@ class NgramStoreProposer:
         self.own.learn(seq, verdict.emitted)
 
 
-@register("ngram_store", requires=("ngram_table",),
+@register("ngram_store", drafts="lookup", requires=("ngram_table",),
           description="corpus n-grams: drafts from an n-gram table shared by every worker through Redis")
 def build(ctx: ArmContext) -> NgramStoreProposer:
     table = ctx.resources["ngram_table"]

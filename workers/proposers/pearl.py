@@ -181,7 +181,8 @@ class PearlProposer:
             self.events.append(("wait", t0, time.monotonic_ns()))
 
 
-@register("pearl", requires=("drafter",), placement=("second_device",),   # the router sends it where one is idle
+@register("pearl", drafts="model", requires=("drafter",),
+          placement=("second_device",),   # the router sends it where one is idle
           description="parallel drafting (PEARL): the drafter runs beside the target and keeps drafting while it verifies")
 def build(ctx: ArmContext) -> PearlProposer:
     cfg = ctx.resources.get("pearl_config") or PearlConfig()

@@ -45,6 +45,7 @@ class PLDProposer:
         pass
 
 
-@register("pld", description="prompt lookup: drafts by matching the trailing n-gram earlier in the sequence")
+@register("pld", drafts="lookup",
+          description="prompt lookup: drafts by matching the trailing n-gram earlier in the sequence")
 def build(ctx: ArmContext) -> PLDProposer:
     return PLDProposer(PLDConfig())

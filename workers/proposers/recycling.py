@@ -45,7 +45,7 @@ class RecyclingProposer:
         self.table.record(self.drafted, verdict.accepted, self.drafted > 0)
 
 
-@register("recycling", requires=("adjacency_table",),
+@register("recycling", drafts="lookup", requires=("adjacency_table",),
           description="Token Recycling: drafts from the target's recycled top-k next tokens (shared table)")
 def build(ctx: ArmContext) -> RecyclingProposer:
     table = ctx.resources["adjacency_table"]

@@ -143,7 +143,8 @@ def propose_batch(proposers: list[SpsProposer], seqs: list[list[int]], ks: list[
 SpsProposer.propose_batch = staticmethod(propose_batch)
 
 
-@register("sps", requires=("drafter",), placement=("alone_when_sampled",),   # selector/rules.py says why
+@register("sps", drafts="model", requires=("drafter",),
+          placement=("alone_when_sampled",),   # selector/rules.py says why
           description="draft-model speculation with entropy-bounded, adaptive draft length")
 def build(ctx: ArmContext) -> SpsProposer:
     capacity = ctx.target.max_context
