@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 FEATURE_VERSION = 3                  # 3: the batch's drafting mix; 2: the pool's batch load; 1: neither
-DRAFT_KINDS = ("lookup", "model")    # the registry's `drafts` kinds a load feature counts ("none" = the rest)
+COUNTED_DRAFTS = ("lookup", "model") # the registry's `drafts` kinds a load feature counts ("none": the rest)
 ACCELERATORS = ("cpu", "T4", "L4", "A10G", "V100", "A100", "H100", "H200", "other")  # one-hot order
 TAIL_TOKENS = 64                     # the prompt tail whose repetition best predicts prompt-lookup hits
 _CODE_PUNCT = b"{}[]();:<>_#\\|`'\"@$&"
@@ -181,7 +181,7 @@ def load_features(running: float, waiting: float, slots_free: float, slots: int,
         "load_kv_used": min(max(1.0 - slots_free / slots, 0.0), 1.0),
     }
     feats.update({f"load_{kind}_drafting": min(float((drafting or {}).get(kind, 0.0)), running)
-                  for kind in DRAFT_KINDS})
+                  for kind in COUNTED_DRAFTS})
     return feats
 
 
