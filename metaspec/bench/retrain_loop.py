@@ -338,8 +338,8 @@ def plot_loop(result: dict, path: Path) -> None:
         ax.set_xlabel("round")
         ax.set_xticks(xs)
         ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)                  # each level's own best fixed arm
     axes[0][0].set_ylabel("output tokens/s")
-    axes[0][0].legend(fontsize=7)
     fig.suptitle("retraining loop: routed throughput per round", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
