@@ -269,6 +269,8 @@ def _add_bench_serve(sub) -> None:
     p.add_argument("--trace", default=None, choices=["mixed"], help="replay the seeded mixed-traffic trace "
                    "(metaspec/bench/trace.py) per policy: auto, every arm, ar; --concurrency levels")
     p.add_argument("--trace-requests", type=int, default=48, help="requests in the --trace")
+    p.add_argument("--trace-repeats", type=int, default=1, help="passes per (policy, level) of the --trace, "
+                   "interleaved A B C, C B A, ...: ratios come with their spread over the repeats")
     p.add_argument("--trace-policies", default=None, help="comma list (default: auto + every arm + ar)")
     p.set_defaults(func=_bench_serve)
 

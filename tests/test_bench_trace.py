@@ -88,3 +88,48 @@ def test_every_pass_starts_from_empty_tables(trace_result):
     resets = trace_result["resets"]
     assert len(resets) == 6 and trace_result["trace"]["tables_reset"] is True
     assert all(set(r) == {"ngram_table", "adjacency_table"} for r in resets)
+
+
+def test_repeats_interleave_the_policies_and_keep_each_pass(tmp_path):
+    # run_policies' own bookkeeping, with a sender that takes a set time per token (no model: the order of the
+    # passes and what is pooled from them is what is under test)
+    from metaspec.bench.load import Trace
+    from metaspec.bench.trace import TraceRequest, pass_order, pass_ratios, ratios, repeat_tag, run_policies, \
+        summarize
+
+    assert [pass_order(["a", "b", "c"], 1, k) for k in range(3)] == [["b", "c", "a"], ["a", "c", "b"],
+                                                                     ["b", "c", "a"]]
+    assert [repeat_tag("r1", k) for k in range(3)] == ["r1", "r1.1", "r1.2"]
+    order, resets = [], []
+    tokens = {("auto", 0): 4, ("auto", 1): 2, ("ar", 0): 2, ("ar", 1): 2}     # auto's 2nd pass emits less
+
+    def make_send(policy, level, k):
+        order.append((level, policy, k))
+
+        def send(r):
+            t = Trace(0.0)
+            for j in range(tokens[(policy, k)]):
+                t.chunk(1, t=0.01 * (j + 1))
+            return t
+        return send
+    requests = [TraceRequest(i, f"p{i}", "qa", (1, 2), 0.0, 4) for i in range(3)]
+    runs = run_policies(make_send, ["auto", "ar"], requests, (1, 2), reset=lambda: resets.append(1), repeats=2)
+    assert order == [(1, "auto", 0), (1, "ar", 0), (1, "ar", 1), (1, "auto", 1),
+                     (2, "ar", 0), (2, "auto", 0), (2, "auto", 1), (2, "ar", 1)]
+    assert len(resets) == 8 and len(runs) == 4
+    for r in runs:
+        assert [p["repeat"] for p in r["passes"]] == [0, 1] and r["completed"] == 6
+        assert r["output_tokens"] == sum(p["output_tokens"] for p in r["passes"])
+        assert r["wall_s"] == pytest.approx(sum(p["wall_s"] for p in r["passes"]))
+    auto1 = next(r for r in runs if r["policy"] == "auto" and r["concurrency"] == 1)
+    assert [p["output_tokens"] for p in auto1["passes"]] == [12, 6]
+    records = summarize(runs)
+    whole = {r["policy"]: r for r in records if r["concurrency"] == "all"}
+    assert [p["output_tokens"] for p in whole["auto"]["passes"]] == [24, 12]
+    by_repeat = pass_ratios(whole["auto"], whole["ar"])
+    assert len(by_repeat) == 2
+    assert by_repeat == pytest.approx([p["output_tokens_per_s"] / q["output_tokens_per_s"] for p, q in
+                                       zip(whole["auto"]["passes"], whole["ar"]["passes"])])
+    rs = ratios(records)
+    assert rs["all"]["auto_vs_ar_by_repeat"] == by_repeat and rs["1"]["best_fixed"] == "ar"
+    assert pass_ratios(auto1, None) == []

@@ -12,7 +12,10 @@
 3. Each round r >= 1: `selector.retrain.retrain` (what `metaspec retrain` runs) on the service's own outcome log,
    written into the router's selector path; a probe request per check period until ListMethods reports the new
    `selector_version`; then the trace again for `auto` and for the round-0 best fixed arm (measured in the same
-   round, so machine drift hits both alike).
+   round, so machine drift hits both alike). With `--repeats` k the round replays the trace k times per policy,
+   interleaved (auto, fixed, fixed, auto, ...: `trace.pass_order`); auto / fixed is pooled over the repeats and
+   given repeat by repeat, whose spread says how far one pass can be trusted. Repeat k > 0's request ids are
+   `r{i}.{k}/...` (loop_mix reports each repeat as its own round).
 
 Training data: by default every trace request the service logged (`--train-on all`): the router's own choices
 (the fixed arm, what exploration sent elsewhere, later the learnt selector's) and the requests that named an arm
@@ -45,7 +48,7 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from metaspec.bench.trace import AUTO, TraceConfig, TraceMix, best_fixed, run_trace, table
+from metaspec.bench.trace import AUTO, TraceConfig, TraceMix, best_fixed, pass_ratios, run_trace, spread, table
 
 PROBE = "probe"
 
@@ -61,12 +64,14 @@ class LoopConfig:
     train_on: str = "all"                    # "all": every logged trace request (round 0's named arms too) |
                                              # "routed": only what the router chose itself
     reload_timeout_s: float = 120.0          # give up waiting for the router to report the new version
+    repeats: int = 1                         # passes per (policy, level) in rounds >= 1, interleaved A B, B A
     work_dir: str | None = None              # YAML, outcome log, selector file (None = a new temp dir)
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.rounds < 1 or self.train_on not in ("routed", "all") or not 0 <= self.explore <= 1:
-            raise ValueError("rounds >= 1, train_on routed|all, explore in [0, 1]")
+        if self.rounds < 1 or self.train_on not in ("routed", "all") or not 0 <= self.explore <= 1 \
+                or self.repeats < 1:
+            raise ValueError("rounds >= 1, train_on routed|all, explore in [0, 1], repeats >= 1")
 
 
 # ---- pure parts ----------------------------------------------------------------------------------------------
@@ -128,13 +133,16 @@ def oracle_estimate(records: list[dict], fixed_tps: dict[int, dict[str, float]],
 
 def round_summary(index: int, trace: dict, retrain: dict | None, version: str | None, reload_s: float | None
                   ) -> dict:
-    """What one round reports: auto's and the fixed arms' tokens/s per level and whole, and what auto routed."""
+    """What one round reports: auto's and the fixed arms' tokens/s per level and whole (pooled over the round's
+    repeats, each repeat's own under `..._passes`), and what auto routed."""
     recs = trace["records"]
     auto = {str(r["concurrency"]): r for r in recs if r["policy"] == AUTO}
     fixed: dict[str, dict[str, float]] = defaultdict(dict)
+    fixed_passes: dict[str, dict[str, list]] = defaultdict(dict)
     for r in recs:
         if r["policy"] != AUTO:
             fixed[str(r["concurrency"])][r["policy"]] = r["output_tokens_per_s"]
+            fixed_passes[str(r["concurrency"])][r["policy"]] = r.get("passes", [])
     runs = [r for r in trace["runs"] if r["policy"] == AUTO]
     routed = sum((Counter(r.get("methods", {})) for r in runs), Counter())
     return {"round": index, "selector_version": version, "reload_s": reload_s,
@@ -142,21 +150,27 @@ def round_summary(index: int, trace: dict, retrain: dict | None, version: str | 
             "auto_tokens_per_s": {lv: r["output_tokens_per_s"] for lv, r in auto.items()},
             "auto_tpot_ms": {lv: r["tpot_ms"] for lv, r in auto.items()},
             "fixed_tokens_per_s": dict(fixed), "routed_methods": dict(routed),
+            "auto_passes": {lv: r.get("passes", []) for lv, r in auto.items()},
+            "fixed_passes": dict(fixed_passes),
             "explored": sum(r.get("explored", 0) for r in runs),
             "versions_seen": dict(sum((Counter(r.get("selector_versions", {})) for r in runs), Counter()))}
 
 
 def compare(rounds: list[dict], best_arm: dict[str, str], oracle: dict) -> list[dict]:
-    """Per round and level: auto / the best fixed arm (same round) and auto / the oracle (round 0's outcomes)."""
+    """Per round and level: auto / the best fixed arm (same round; pooled, and repeat by repeat) and auto / the
+    oracle (round 0's outcomes)."""
     out = []
     for rd in rounds:
         for lv, tps in rd["auto_tokens_per_s"].items():
             arm = best_arm.get(lv)
             fixed = rd["fixed_tokens_per_s"].get(lv, {}).get(arm)
             orc = oracle.get(lv, {}).get("oracle_tokens_per_s")
+            by_repeat = pass_ratios({"passes": rd.get("auto_passes", {}).get(lv, [])},
+                                    {"passes": rd.get("fixed_passes", {}).get(lv, {}).get(arm, [])})
             out.append({"round": rd["round"], "concurrency": lv, "auto_tokens_per_s": tps, "best_fixed": arm,
                         "best_fixed_tokens_per_s": fixed, "oracle_tokens_per_s": orc,
                         "auto_vs_best_fixed": tps / fixed if fixed else None,
+                        "auto_vs_best_fixed_by_repeat": by_repeat,
                         "auto_vs_oracle": tps / orc if orc else None})
     return out
 
@@ -267,7 +281,8 @@ def run_loop(cfg: LoopConfig) -> dict:
                     reload_s = wait_for_version(client, report["version"], probe_ids, cfg.check_s,
                                                 cfg.reload_timeout_s)
                     version = report["version"]
-                res = run_trace(replace(base, tag=f"r{i}", policies=watched), client=client, reset=reset)
+                res = run_trace(replace(base, tag=f"r{i}", policies=watched, repeats=cfg.repeats), client=client,
+                                reset=reset)
                 traces.append(res)
                 rounds.append(round_summary(i, res, report, version, reload_s))
                 bar.update(1)
@@ -301,13 +316,14 @@ def format_loop(result: dict) -> str:
              f"{'/'.join(f'{x:.2f}' for x in m['load_avg_1_5_15'])}", "",
              table(result["round0_records"], "round 0 (fixed arm + exploration; every fixed arm named)"), "",
              f"{'round':>5} {'conc':>5} {'auto tok/s':>11} {'best fixed':>18} {'oracle est':>11} {'auto/fixed':>11} "
-             f"{'auto/oracle':>12}  selector"]
+             f"{'auto/oracle':>12}  selector; auto/fixed's spread over the round's repeats"]
     versions = {r["round"]: r["selector_version"] for r in result["rounds"]}
     for c in result["comparison"]:
         fixed = f"{c['best_fixed']} {_f(c['best_fixed_tokens_per_s'])}"
         lines.append(f"{c['round']:>5} {c['concurrency']:>5} {c['auto_tokens_per_s']:>11.1f} {fixed:>18} "
                      f"{_f(c['oracle_tokens_per_s']):>11} {_f(c['auto_vs_best_fixed'], '.2f'):>11} "
-                     f"{_f(c['auto_vs_oracle'], '.2f'):>12}  {versions[c['round']]}")
+                     f"{_f(c['auto_vs_oracle'], '.2f'):>12}  {versions[c['round']]}"
+                     f"{spread(c.get('auto_vs_best_fixed_by_repeat', []))}")
     lines.append("")
     for r in result["rounds"]:
         rt = r["retrain"] or {}
@@ -332,6 +348,13 @@ def plot_loop(result: dict, path: Path) -> None:
         xs = [c["round"] for c in cs]
         ax.plot(xs, [c["auto_tokens_per_s"] for c in cs], "-o", label="auto (routed)")
         ax.plot(xs, [c["best_fixed_tokens_per_s"] for c in cs], "--s", label=f"best fixed ({cs[0]['best_fixed']})")
+        for rd in result["rounds"]:               # each repeat's own pass, faint (rounds run with --repeats)
+            arm = cs[0]["best_fixed"]
+            for passes, color in ((rd.get("auto_passes", {}).get(lv, []), "C0"),
+                                  (rd.get("fixed_passes", {}).get(lv, {}).get(arm, []), "C1")):
+                if len(passes) > 1:
+                    ax.plot([rd["round"]] * len(passes), [x["output_tokens_per_s"] for x in passes], ".",
+                            color=color, alpha=0.4)
         if cs[0]["oracle_tokens_per_s"]:
             ax.axhline(cs[0]["oracle_tokens_per_s"], color="gray", ls=":", label="oracle (est., round 0)")
         ax.set_title("whole trace" if lv == "all" else f"concurrency {lv}", fontsize=9)
@@ -366,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--explore", type=float, default=0.2)
     p.add_argument("--check-s", type=float, default=1.0)
     p.add_argument("--train-on", default="all", choices=["routed", "all"])
+    p.add_argument("--repeats", type=int, default=1, help="passes per (policy, level) in rounds >= 1, "
+                   "interleaved (auto, fixed, fixed, auto, ...): auto / fixed comes with its spread")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None)
     p.add_argument("--data-dir", default=None)
@@ -374,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LoopConfig(config=args.config, rounds=args.rounds, explore=args.explore, check_s=args.check_s,
                      concurrency=tuple(int(c) for c in args.concurrency.split(",")),
                      mix=TraceMix(n_requests=args.trace_requests, seed=args.seed), train_on=args.train_on,
-                     work_dir=args.work_dir, data_dir=args.data_dir)
+                     work_dir=args.work_dir, data_dir=args.data_dir, repeats=args.repeats)
     result = run_loop(cfg)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("retrain-loop-%Y%m%d-%H%M%S")
     paths = write_loop(result, out)

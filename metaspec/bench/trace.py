@@ -12,8 +12,10 @@ The mix (`TraceMix`, defaults; the realised counts are in the JSON under `trace.
 
 Policies: `auto` (no method named: the service's selector; on the engine backend its default arm), every arm
 the backend runs, `ar`. Each level replays the whole trace once per policy, policies in an order rotated per
-level. Reported per (policy, level) and over the whole trace (tokens of every level over the summed wall time):
-output tokens/s, TPOT p50/p99 (`report.py` definitions). Output: `trace.json`, `trace_table.txt`,
+level; with `repeats` k, k times per policy, the order reversed on every other repeat (A B C, C B A: a machine
+drifting over the passes weighs on every policy alike), records pooled over the passes and each ratio also given
+repeat by repeat (its spread). Reported per (policy, level) and over the whole trace (tokens of every level over
+the summed wall time): output tokens/s, TPOT p50/p99 (`report.py` definitions). Output: `trace.json`, `trace_table.txt`,
 `trace_throughput.png` (tokens/s against concurrency, one line per policy).
 
 >>> result = run_trace(TraceConfig(concurrency=(1, 4), mix=TraceMix(n_requests=16)))
@@ -212,6 +214,9 @@ def grpc_sender(client, policy: str, tag: str):
 
 # ---- measuring -----------------------------------------------------------------------------------------------
 
+PASS_FIELDS = ("output_tokens", "wall_s", "output_tokens_per_s")     # what a run keeps of each of its passes
+
+
 def measure(send, requests: list[TraceRequest], level: int, bar=None) -> tuple[dict, list[Trace]]:
     tick = bar.update if bar is not None else None
     traces, wall = closed_loop(send, requests, level, tick)
@@ -226,27 +231,49 @@ def routed_counts(traces: list[Trace]) -> dict:
             "explored": sum(t.reason == "explore" for t in routed)}
 
 
+def pass_order(policies: list[str], level_index: int, repeat: int) -> list[str]:
+    """The policies' order in one pass over a level: rotated per level, reversed on every other repeat (A B C,
+    C B A, ...), so that a machine drifting over a level's passes weighs on every policy alike.
+
+    >>> [pass_order(["a", "b", "c"], 1, k) for k in range(2)]
+    [['b', 'c', 'a'], ['a', 'c', 'b']]
+    """
+    shift = level_index % max(1, len(policies))
+    order = policies[shift:] + policies[:shift]
+    return order[::-1] if repeat % 2 else order
+
+
 def run_policies(make_send, policies: list[str], requests: list[TraceRequest], levels: tuple[int, ...],
-                 bar=None, reset=None) -> list[dict]:
-    """One run per (level, policy), policies rotated per level: [{policy, concurrency, metrics..., traces}].
-    `reset()`, when given, runs before every pass: the table arms' learnt state starts the same for each."""
+                 bar=None, reset=None, repeats: int = 1) -> list[dict]:
+    """One run per (level, policy): [{policy, concurrency, metrics..., passes, traces}]. Each level replays the
+    trace `repeats` times per policy, interleaved in `pass_order`; a run's metrics pool its passes (every pass's
+    tokens over their summed wall time; latencies over every request) and `passes` keeps each pass's own
+    tokens/s. `make_send(policy, level, repeat)`. `reset()`, when given, runs before every pass: the table arms'
+    learnt state starts the same for each."""
     runs = []
     for i, level in enumerate(levels):
-        shift = i % max(1, len(policies))
-        for policy in policies[shift:] + policies[:shift]:
-            if reset is not None:
-                reset()
-            metrics, traces = measure(make_send(policy, level), requests, level, bar)
-            runs.append({"policy": policy, "concurrency": level, **metrics, **routed_counts(traces),
-                         "traces": traces})
+        passes: dict[str, list[tuple[dict, list[Trace]]]] = {p: [] for p in policies}
+        for k in range(repeats):
+            for policy in pass_order(policies, i, k):
+                if reset is not None:
+                    reset()
+                passes[policy].append(measure(make_send(policy, level, k), requests, level, bar))
+        for policy in pass_order(policies, i, 0):
+            traces = [t for _, ts in passes[policy] for t in ts]
+            wall = sum(m["wall_s"] for m, _ in passes[policy])
+            runs.append({"policy": policy, "concurrency": level, **report.run_metrics(traces, wall),
+                         **routed_counts(traces), "traces": traces,
+                         "passes": [{"repeat": k, **{f: m[f] for f in PASS_FIELDS}}
+                                    for k, (m, _) in enumerate(passes[policy])]})
     return runs
 
 
 def summarize(runs: list[dict]) -> list[dict]:
     """One record per (policy, level) and one per policy with concurrency "all" (the whole trace: every level's
-    tokens over the summed wall time; TPOT percentiles over every request)."""
+    tokens over the summed wall time; TPOT percentiles over every request). `passes`: per repeat, its tokens/s
+    (for "all", repeat k's tokens of every level over their summed wall time)."""
     keep = ("output_tokens_per_s", "request_throughput", "output_tokens", "wall_s", "completed", "failed",
-            "acceptance_length", "methods", "selector_versions", "explored")
+            "acceptance_length", "methods", "selector_versions", "explored", "passes")
     out = []
     for r in runs:
         out.append({"policy": r["policy"], "concurrency": r["concurrency"], "tpot_ms": r["tpot_ms"],
@@ -257,8 +284,32 @@ def summarize(runs: list[dict]) -> list[dict]:
         lat = report.samples([t for r in rs for t in r["traces"]])
         out.append({"policy": policy, "concurrency": "all", "output_tokens_per_s": tokens / wall if wall else 0.0,
                     "output_tokens": tokens, "wall_s": wall, "failed": sum(r["failed"] for r in rs),
-                    "tpot_ms": report.dist(lat["tpot_ms"]), "ttft_ms": report.dist(lat["ttft_ms"])})
+                    "tpot_ms": report.dist(lat["tpot_ms"]), "ttft_ms": report.dist(lat["ttft_ms"]),
+                    "passes": pooled_passes([r.get("passes", []) for r in rs])})
     return out
+
+
+def pooled_passes(levels: list[list[dict]]) -> list[dict]:
+    """Repeat k of every level pooled: their tokens over their summed wall time."""
+    by_repeat: dict[int, list[dict]] = {}
+    for passes in levels:
+        for x in passes:
+            by_repeat.setdefault(x["repeat"], []).append(x)
+    out = []
+    for k, xs in sorted(by_repeat.items()):
+        tokens, wall = sum(x["output_tokens"] for x in xs), sum(x["wall_s"] for x in xs)
+        out.append({"repeat": k, "output_tokens": tokens, "wall_s": wall,
+                    "output_tokens_per_s": tokens / wall if wall else 0.0})
+    return out
+
+
+def pass_ratios(a: dict | None, b: dict | None) -> list[float]:
+    """a's tokens/s over b's, repeat by repeat (the spread of a ratio the pooled records give once)."""
+    if not a or not b:
+        return []
+    theirs = {x["repeat"]: x["output_tokens_per_s"] for x in b.get("passes", [])}
+    return [x["output_tokens_per_s"] / theirs[x["repeat"]] for x in a.get("passes", [])
+            if theirs.get(x["repeat"])]
 
 
 def best_fixed(records: list[dict], level, exclude: tuple[str, ...] = (AUTO,)) -> dict | None:
@@ -268,7 +319,8 @@ def best_fixed(records: list[dict], level, exclude: tuple[str, ...] = (AUTO,)) -
 
 
 def ratios(records: list[dict]) -> dict:
-    """auto / best fixed arm and auto / ar, per level and over the whole trace (the issue's targets)."""
+    """auto / best fixed arm and auto / ar, per level and over the whole trace (the issue's targets); with
+    repeats, also each repeat's own auto / best fixed arm (`..._by_repeat`)."""
     out = {}
     for level in dict.fromkeys(r["concurrency"] for r in records):
         auto = next((r for r in records if r["policy"] == AUTO and r["concurrency"] == level), None)
@@ -277,7 +329,9 @@ def ratios(records: list[dict]) -> dict:
         if auto is None:
             continue
         out[str(level)] = {"best_fixed": best["policy"] if best else None,
-                           "auto_vs_best_fixed": _div(auto, best), "auto_vs_ar": _div(auto, ar)}
+                           "auto_vs_best_fixed": _div(auto, best), "auto_vs_ar": _div(auto, ar),
+                           "auto_vs_best_fixed_by_repeat": pass_ratios(auto, best),
+                           "auto_vs_ar_by_repeat": pass_ratios(auto, ar)}
     return out
 
 
@@ -299,6 +353,7 @@ class TraceConfig:
     data_dir: str | None = None              # shared/data (None = found above cwd)
     tag: str = "trace"                       # request-id prefix (grpc): `tag/policy/index`
     progress: bool = True                    # tqdm bar
+    repeats: int = 1                         # passes per (policy, level), interleaved (`pass_order`)
 
     def __post_init__(self) -> None:
         if self.backend not in ("engine", "grpc"):
@@ -307,6 +362,13 @@ class TraceConfig:
             raise ValueError("--backend grpc needs --server")
         if not self.concurrency or min(self.concurrency) < 1:
             raise ValueError("concurrency levels must be >= 1")
+        if self.repeats < 1:
+            raise ValueError("repeats must be >= 1")
+
+
+def repeat_tag(tag: str, repeat: int) -> str:
+    """The request-id prefix of a repeat: `tag` for the first, `tag.k` after (ids stay unique in the log)."""
+    return f"{tag}.{repeat}" if repeat else tag
 
 
 def service_methods(client) -> list[str]:
@@ -344,7 +406,7 @@ def run_trace(cfg: TraceConfig, engine=None, client=None, reset=None) -> dict:
         backend = EngineBackend(engine if engine is not None else build_engine(cfg.engine))
         owned += [backend] if engine is None else []
         tokenizer, methods = backend.engine.tokenizer, backend.methods()
-        make_send = lambda policy, level: engine_sender(backend, policy)        # noqa: E731
+        make_send = lambda policy, level, k: engine_sender(backend, policy)     # noqa: E731
         if reset is None:
             reset = lambda: clear_tables(backend.engine.resources)                 # noqa: E731
     else:
@@ -356,7 +418,8 @@ def run_trace(cfg: TraceConfig, engine=None, client=None, reset=None) -> dict:
             client = Client(cfg.server, api_key=cfg.api_key)
             owned.append(client)
         tokenizer, methods = AutoTokenizer.from_pretrained(cfg.engine.target), service_methods(client)
-        make_send = lambda policy, level: grpc_sender(client, policy, f"{cfg.tag}/c{level}")   # noqa: E731
+        def make_send(policy: str, level: int, k: int):
+            return grpc_sender(client, policy, f"{repeat_tag(cfg.tag, k)}/c{level}")
     try:
         policies = list(cfg.policies) if cfg.policies else default_policies(methods)
         if missing := [p for p in policies if p != AUTO and p not in methods]:
@@ -365,9 +428,9 @@ def run_trace(cfg: TraceConfig, engine=None, client=None, reset=None) -> dict:
             local_grammar_check(tokenizer, cfg.engine.target)
         requests = build_trace(cfg.mix, tokenizer, Path(cfg.data_dir) if cfg.data_dir else find_data_dir(), servable)
         machine = machine_info(ServeConfig(engine=cfg.engine))
-        total = len(policies) * len(cfg.concurrency) * len(requests)
+        total = len(policies) * len(cfg.concurrency) * len(requests) * cfg.repeats
         with tqdm(total=total, desc=f"trace {cfg.tag}", unit="req", disable=not cfg.progress) as bar:
-            runs = run_policies(make_send, policies, requests, cfg.concurrency, bar, reset)
+            runs = run_policies(make_send, policies, requests, cfg.concurrency, bar, reset, cfg.repeats)
     finally:
         for thing in owned:
             thing.close()
@@ -399,11 +462,17 @@ def table(records: list[dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def spread(xs: list[float]) -> str:
+    """` (0.97-1.08 over 2 repeats)`, or nothing for fewer than two."""
+    return f" ({min(xs):.2f}-{max(xs):.2f} over {len(xs)} repeats)" if len(xs) > 1 else ""
+
+
 def ratio_lines(rs: dict) -> str:
     lines = ["auto vs fixed (output tokens/s, same run)"]
     for level, x in rs.items():
-        lines.append(f"  @{level}: auto / best fixed ({x['best_fixed']}) {_f(x['auto_vs_best_fixed'], '.2f')}, "
-                     f"auto / ar {_f(x['auto_vs_ar'], '.2f')}")
+        lines.append(f"  @{level}: auto / best fixed ({x['best_fixed']}) {_f(x['auto_vs_best_fixed'], '.2f')}"
+                     f"{spread(x.get('auto_vs_best_fixed_by_repeat', []))}, auto / ar "
+                     f"{_f(x['auto_vs_ar'], '.2f')}{spread(x.get('auto_vs_ar_by_repeat', []))}")
     return "\n".join(lines)
 
 
@@ -448,7 +517,8 @@ def run_from_cli(args) -> int:
                           args.max_prompt_tokens + max(n for n, _ in mix.max_tokens) + 16)
         policies = tuple(args.trace_policies.split(",")) if args.trace_policies else None
         cfg = TraceConfig(backend=args.backend, engine=spec, server=args.server, api_key=args.api_key,
-                          policies=policies, concurrency=levels, mix=mix, data_dir=args.data_dir)
+                          policies=policies, concurrency=levels, mix=mix, data_dir=args.data_dir,
+                          repeats=args.trace_repeats)
         result = run_trace(cfg)
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
