@@ -305,7 +305,8 @@ def _retrain(args) -> int:
     from metaspec.selector.retrain import RetrainConfig, retrain
 
     cfg = RetrainConfig(kinds=_csv(args.kinds) or RetrainConfig().kinds, n_splits=args.folds,
-                        holdout_share=args.holdout_share, tolerance=args.tolerance, seed=args.seed)
+                        holdout_share=args.holdout_share, tolerance=args.tolerance, seed=args.seed,
+                        hedge=not args.no_hedge)
     try:
         report = retrain(args.outcomes, args.current, args.out, cfg)
     except (ValueError, OSError) as exc:
@@ -363,6 +364,8 @@ def _add_selector_commands(sub) -> None:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--holdout-share", type=float, default=0.2)
     p.add_argument("--tolerance", type=float, default=0.0)
+    p.add_argument("--no-hedge", action="store_true", help="route by the plain argmax of the predictions (default: "
+                   "keep each load level's best fixed arm unless another is predicted a fitted margin faster)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_retrain)
 

@@ -8,7 +8,8 @@ pool does not drown a slow one.
 
 The file is a skops archive (no pickle: only an explicit list of types is ever constructed) holding the
 estimator, feature names, FEATURE_VERSION, library versions, the training data hash, and a probe batch with the
-predictions made at save time: a file whose predictions differ after loading is refused.
+predictions made at save time: a file whose predictions differ after loading is refused. Its meta may carry a
+`hedge` (selector/hedge.py: when the selector keeps a level's best fixed arm over the argmax), checked on load.
 
 >>> model = SelectorModel.load("selector/default_model.skops")      # doctest: +SKIP
 >>> model.predict(model.rows(request_feats, [(pool_feats, "sps")]))  # log tokens/s  # doctest: +SKIP
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .features import FEATURE_VERSION, POOL_FEATURES, REQUEST_FEATURES
+from .hedge import check as check_hedge
 from .trees import compile_fast
 
 FILE_FORMAT = "metaspec-selector"
@@ -66,6 +68,11 @@ class SelectorModel:
     def data_version(self) -> str:
         """Estimator kind and training data: `<kind>-<data hash>`."""
         return f"{self.meta.get('kind', 'model')}-{str(self.meta.get('data_hash', ''))[:8]}"
+
+    @property
+    def hedge(self) -> dict | None:
+        """How the selector routes on this model's predictions (selector/hedge.py); None: the plain argmax."""
+        return self.meta.get("hedge") or None
 
     @property
     def version(self) -> str:
@@ -127,6 +134,8 @@ class SelectorModel:
             model = cls(payload["estimator"], list(payload["methods"]), payload.get("meta"))
             if list(payload["feature_names"]) != model.names:
                 raise SelectorFileError(f"{path}: its feature names differ from this build's")
+            if why := check_hedge(model.meta.get("hedge")):
+                raise SelectorFileError(f"{path}: {why}")
             probe_x, probe_y = _probe(payload, len(model.names), path)
             got = np.asarray(model.predict(probe_x), dtype=float)
             if got.shape != probe_y.shape or not np.allclose(got, probe_y, rtol=1e-6, atol=1e-6):

@@ -7,7 +7,10 @@ neither has seen.
 
 Score on held-out data: the routed throughput as a fraction of the oracle's on requests that every arm served
 (collect runs), or, when there are too few of those (a pure service log), minus the RMSE of predicted log
-tokens/s. Both models are scored on the same held-out rows, which the new model never saw.
+tokens/s. Both models are scored on the same held-out rows, which the new model never saw, each routed as the
+selector would route it: under its hedge (selector/hedge.py), which the retrain fits on the chosen kind's
+out-of-fold predictions when the training prompts have enough requests that every arm served (`--no-hedge`:
+none). The report gives the new model's held-out score with and without it (`unhedged_score`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import argmax_policy, best_fixed_arm, fixed_policy, policy_metrics
+from .evaluate import argmax_policy, best_fixed_arm, fit_hedge, fixed_policy, policy_metrics
 from .model import SelectorFileError, SelectorModel
 from .train import MODEL_KINDS, Table, build_table, by_request, fit_model, load_outcomes, oof_predictions, \
     predict_table
@@ -33,22 +36,28 @@ class RetrainConfig:
     n_splits: int = 5                      # CV folds (grouped by prompt id)
     holdout_share: float = 0.2             # share of prompt groups held out to compare new vs current
     tolerance: float = 0.0                 # the new model may score this much below the current one
+    hedge: bool = True                     # fit a hedge (selector/hedge.py): keep each level's best fixed arm
+                                           # unless another is predicted more than a margin faster
     seed: int = 0
 
 
-def score(pred: np.ndarray, table: Table) -> tuple[float, str]:
-    """(higher is better, metric name) of predictions on a table."""
+def score(pred: np.ndarray, table: Table, hedge: dict | None = None) -> tuple[float, str]:
+    """(higher is better, metric name) of predictions on a table, routed under `hedge` when given."""
     requests = by_request(table)
     if len(requests) >= MIN_REQUESTS:
-        return policy_metrics(table, requests, argmax_policy(table, requests, pred))["oracle_frac"], "oracle_frac"
+        weights = argmax_policy(table, requests, pred, hedge)
+        return policy_metrics(table, requests, weights)["oracle_frac"], "oracle_frac"
     ok = np.isfinite(pred)
     return -float(np.sqrt(np.mean((pred[ok] - np.log(table.tps[ok])) ** 2))) if ok.any() else -np.inf, "neg_rmse"
 
 
-def choose_kind(table: Table, cfg: RetrainConfig) -> tuple[str, dict[str, float]]:
-    """The model kind with the best out-of-fold score, and every kind's score."""
-    scores = {k: score(oof_predictions(table, k, cfg.n_splits, cfg.seed), table)[0] for k in cfg.kinds}
-    return max(scores, key=scores.get), scores
+def choose_kind(table: Table, cfg: RetrainConfig) -> tuple[str, dict[str, float], np.ndarray]:
+    """The model kind with the best out-of-fold score, every kind's score, and the best kind's out-of-fold
+    predictions."""
+    preds = {k: oof_predictions(table, k, cfg.n_splits, cfg.seed) for k in cfg.kinds}
+    scores = {k: score(p, table)[0] for k, p in preds.items()}
+    kind = max(scores, key=scores.get)
+    return kind, scores, preds[kind]
 
 
 def holdout_mask(table: Table, share: float, seed: int) -> np.ndarray:
@@ -71,17 +80,22 @@ def retrain(outcome_paths: list[str | Path], current: str | Path | None, out: st
         hold = np.zeros(len(table), bool)
         hold[np.unique(table.group, return_inverse=True)[1] % 5 == 0] = True
     train_t, hold_t = table.subset(np.flatnonzero(~hold)), table.subset(np.flatnonzero(hold))
-    kind, cv = choose_kind(train_t, cfg)
+    kind, cv, oof = choose_kind(train_t, cfg)
+    hedge = fit_hedge(train_t, oof, cfg.n_splits) if cfg.hedge else None
     meta = {"cv_scores": cv, "holdout": {"share": cfg.holdout_share, "seed": cfg.seed},
-            "trained_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "trained_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | ({"hedge": hedge} if hedge else {})
     new = fit_model(train_t, kind, cfg.seed, meta)
-    new_score, metric = score(predict_table(new, hold_t), hold_t)
+    new_pred = predict_table(new, hold_t)
+    new_score, metric = score(new_pred, hold_t, new.hedge)
     report |= {"kind": kind, "cv_scores": cv, "metric": metric, "new_score": new_score,
+               "unhedged_score": score(new_pred, hold_t)[0] if hedge else None,
+               "hedge": {k: v for k, v in (hedge or {}).items() if k != "oof_oracle_frac"} or None,
                "holdout_rows": len(hold_t), **fixed_baseline(train_t, hold_t)}
     current_score, current_error = None, None
     if current and Path(current).exists():
         try:
-            current_score = score(predict_table(SelectorModel.load(current), hold_t), hold_t)[0]
+            old = SelectorModel.load(current)
+            current_score = score(predict_table(old, hold_t), hold_t, old.hedge)[0]
         except SelectorFileError as e:
             current_error = str(e)
     report |= {"current_score": current_score, "current_error": current_error}

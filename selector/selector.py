@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from .features import FEATURE_VERSION, RequestInput, pool_features, request_features, request_input
+from .hedge import choose as hedge_choose
 from .model import SelectorFileError, SelectorModel
 from .rules import ALWAYS_ALLOWED, DEFAULT_ARMS, ArmSpec, candidates
+from .train import load_level
 from .types import Choice, PoolInfo
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default_model.skops"
@@ -108,7 +110,9 @@ class FixedSelector(_Base):
 
 
 class Selector(_Base):
-    """The learnt selector: the allowed (pool, method) with the highest predicted tokens/s."""
+    """The learnt selector: the allowed (pool, method) with the highest predicted tokens/s, or, where the model
+    file has a hedge (selector/hedge.py), the level's best fixed arm unless another is predicted more than the
+    hedge's margin faster (reason "model: the level's arm (hedge)")."""
 
     def __init__(self, model: SelectorModel, cfg: SelectorConfig = SelectorConfig(),
                  arms: Mapping[str, ArmSpec] = DEFAULT_ARMS,
@@ -131,7 +135,10 @@ class Selector(_Base):
         pool_feats = {pm[0].name: pool_features(pm[0].hardware, pm[0].load, pm[0].batch) for pm in known}
         pred = self.model.predict(self.model.rows(feats, [(pool_feats[p.name], m) for p, m in known]))
         scores = {f"{p.name}/{m}": round(math.exp(v), 3) for (p, m), v in zip(known, pred)}
-        return known[int(np.argmax(pred))], scores, "model"
+        levels = [load_level(pool_feats[p.name]["load_running"] + pool_feats[p.name]["load_waiting"])
+                  for p, _ in known]
+        pick = hedge_choose(pred.tolist(), [m for _, m in known], levels, self.model.hedge)
+        return known[pick], scores, "model" if pick == int(np.argmax(pred)) else "model: the level's arm (hedge)"
 
 
 def load_selector(path: str | Path | None, cfg: SelectorConfig = SelectorConfig(),

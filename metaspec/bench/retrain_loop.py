@@ -329,10 +329,19 @@ def format_loop(result: dict) -> str:
         rt = r["retrain"] or {}
         lines.append(f"round {r['round']}: routed {r['routed_methods']} (explored {r['explored']}); retrain: "
                      + (f"{rt.get('training_records')} records -> {rt.get('kind')} written={rt.get('written')} "
-                        f"{rt.get('reason', '')} reload {_f(r['reload_s'])} s" if rt else "-"))
+                        f"{rt.get('reason', '')}{hedge_text(rt)} reload {_f(r['reload_s'])} s" if rt else "-"))
     lines.append("oracle arms per level: " + "; ".join(f"{lv}: {o.get('oracle_arms')}"
                                                        for lv, o in result["oracle"].items() if lv != "all"))
     return "\n".join(lines)
+
+
+def hedge_text(retrain: dict) -> str:
+    """` hedge margin 0.1 (held-out 0.91, unhedged 0.88)`, or nothing for a retrain without a hedge."""
+    hedge = retrain.get("hedge")
+    if not hedge:
+        return ""
+    return (f" hedge margin {hedge['margin']:g} (held-out {_f(retrain.get('new_score'), '.3f')}, unhedged "
+            f"{_f(retrain.get('unhedged_score'), '.3f')})")
 
 
 def plot_loop(result: dict, path: Path) -> None:

@@ -113,6 +113,12 @@ MALFORMED = {
     "probe non-finite": lambda p: p | {"probe_x": p["probe_x"] * np.nan},
     "format version a list": lambda p: p | {"format_version": [1]},
     "feature version a string": lambda p: p | {"feature_version": "2"},
+    "hedge a list": lambda p: p | {"meta": p["meta"] | {"hedge": [0.1]}},
+    "hedge margin negative": lambda p: p | {"meta": p["meta"] | {"hedge": {"margin": -0.1, "defaults": {}}}},
+    "hedge margin a string": lambda p: p | {"meta": p["meta"] | {"hedge": {"margin": "0.1", "defaults": {}}}},
+    "hedge defaults a list": lambda p: p | {"meta": p["meta"] | {"hedge": {"margin": 0.1, "defaults": ["ar"]}}},
+    "hedge level not a number": lambda p: p | {"meta": p["meta"] | {"hedge": {"margin": 0.1,
+                                                                              "defaults": {"x": "ar"}}}},
 }
 
 
