@@ -88,13 +88,14 @@ def test_a_rounds_repeats_give_auto_vs_fixed_repeat_by_repeat(tmp_path):
     def passes(*tps):
         return [{"repeat": k, "output_tokens": 10 * t, "wall_s": 10.0, "output_tokens_per_s": t}
                 for k, t in enumerate(tps)]
-    trace = _trace({1: 105.0}, {"pld": {1: 100.0}}, {"pld": 4})
+    trace = _trace({1: 105.0}, {"pld": {1: 100.0}, "ar": {1: 70.0}}, {"pld": 4})
     trace["records"][0]["passes"] = passes(90.0, 120.0)          # auto
     trace["records"][1]["passes"] = passes(100.0, 100.0)         # pld
     rd = round_summary(1, trace, None, "v1", None)
     row, = compare([rd], {"1": "pld"}, {})
     assert row["auto_vs_best_fixed"] == pytest.approx(1.05)
     assert row["auto_vs_best_fixed_by_repeat"] == pytest.approx([0.9, 1.2])
+    assert row["auto_vs_ar"] == pytest.approx(1.5)                  # ar measured in the same round
     result = {"config": {"concurrency": [1], "explore": 0.2, "train_on": "all"},
               "machine": {"cpu_model": "cpu", "load_avg_1_5_15": [1.0, 1.0, 1.0]}, "trace": {"n": 10},
               "round0_records": trace["records"], "rounds": [rd], "comparison": [row], "oracle": {}}

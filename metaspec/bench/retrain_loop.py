@@ -11,11 +11,11 @@
    baseline.
 3. Each round r >= 1: `selector.retrain.retrain` (what `metaspec retrain` runs) on the service's own outcome log,
    written into the router's selector path; a probe request per check period until ListMethods reports the new
-   `selector_version`; then the trace again for `auto` and for the round-0 best fixed arm (measured in the same
-   round, so machine drift hits both alike). With `--repeats` k the round replays the trace k times per policy,
-   interleaved (auto, fixed, fixed, auto, ...: `trace.pass_order`); auto / fixed is pooled over the repeats and
-   given repeat by repeat, whose spread says how far one pass can be trusted. Repeat k > 0's request ids are
-   `r{i}.{k}/...` (loop_mix reports each repeat as its own round).
+   `selector_version`; then the trace again for `auto`, for the round-0 best fixed arms and for `ar` (measured
+   in the same round, so machine drift hits them alike; `--no-watch-ar` leaves ar out). With `--repeats` k the
+   round replays the trace k times per policy, interleaved (auto, fixed, fixed, auto, ...: `trace.pass_order`);
+   auto / fixed is pooled over the repeats and given repeat by repeat, whose spread says how far one pass can
+   be trusted. Repeat k > 0's request ids are `r{i}.{k}/...` (loop_mix reports each repeat as its own round).
 
 Training data: by default every trace request the service logged (`--train-on all`): the router's own choices
 (the fixed arm, what exploration sent elsewhere, later the learnt selector's) and the requests that named an arm
@@ -65,6 +65,7 @@ class LoopConfig:
                                              # "routed": only what the router chose itself
     reload_timeout_s: float = 120.0          # give up waiting for the router to report the new version
     repeats: int = 1                         # passes per (policy, level) in rounds >= 1, interleaved A B, B A
+    watch_ar: bool = True                    # rounds >= 1 run ar too (auto / ar measured in the same round)
     work_dir: str | None = None              # YAML, outcome log, selector file (None = a new temp dir)
     data_dir: str | None = None
 
@@ -167,9 +168,11 @@ def compare(rounds: list[dict], best_arm: dict[str, str], oracle: dict) -> list[
             orc = oracle.get(lv, {}).get("oracle_tokens_per_s")
             by_repeat = pass_ratios({"passes": rd.get("auto_passes", {}).get(lv, [])},
                                     {"passes": rd.get("fixed_passes", {}).get(lv, {}).get(arm, [])})
+            ar = rd["fixed_tokens_per_s"].get(lv, {}).get("ar")
             out.append({"round": rd["round"], "concurrency": lv, "auto_tokens_per_s": tps, "best_fixed": arm,
                         "best_fixed_tokens_per_s": fixed, "oracle_tokens_per_s": orc,
                         "auto_vs_best_fixed": tps / fixed if fixed else None,
+                        "auto_vs_ar": tps / ar if ar else None,
                         "auto_vs_best_fixed_by_repeat": by_repeat,
                         "auto_vs_oracle": tps / orc if orc else None})
     return out
@@ -271,7 +274,7 @@ def run_loop(cfg: LoopConfig) -> dict:
             rounds.append(round_summary(0, first, None, client.list_methods().selector_version, None))
             best = {str(lv): (best_fixed(first["records"], lv) or {}).get("policy") for lv in
                     list(cfg.concurrency) + ["all"]}
-            watched = tuple(dict.fromkeys([AUTO, *filter(None, best.values())]))
+            watched = tuple(dict.fromkeys([AUTO, *filter(None, best.values()), *(["ar"] if cfg.watch_ar else [])]))
             bar.update(1)
             probe_ids = list(client.generate("def f(x):", max_tokens=1).token_ids) or [1]
             for i in range(1, cfg.rounds + 1):
@@ -316,13 +319,14 @@ def format_loop(result: dict) -> str:
              f"{'/'.join(f'{x:.2f}' for x in m['load_avg_1_5_15'])}", "",
              table(result["round0_records"], "round 0 (fixed arm + exploration; every fixed arm named)"), "",
              f"{'round':>5} {'conc':>5} {'auto tok/s':>11} {'best fixed':>18} {'oracle est':>11} {'auto/fixed':>11} "
-             f"{'auto/oracle':>12}  selector; auto/fixed's spread over the round's repeats"]
+             f"{'auto/oracle':>12} {'auto/ar':>8}  selector; auto/fixed's spread over the round's repeats"]
     versions = {r["round"]: r["selector_version"] for r in result["rounds"]}
     for c in result["comparison"]:
         fixed = f"{c['best_fixed']} {_f(c['best_fixed_tokens_per_s'])}"
         lines.append(f"{c['round']:>5} {c['concurrency']:>5} {c['auto_tokens_per_s']:>11.1f} {fixed:>18} "
                      f"{_f(c['oracle_tokens_per_s']):>11} {_f(c['auto_vs_best_fixed'], '.2f'):>11} "
-                     f"{_f(c['auto_vs_oracle'], '.2f'):>12}  {versions[c['round']]}"
+                     f"{_f(c['auto_vs_oracle'], '.2f'):>12} {_f(c.get('auto_vs_ar'), '.2f'):>8}  "
+                     f"{versions[c['round']]}"
                      f"{spread(c.get('auto_vs_best_fixed_by_repeat', []))}")
     lines.append("")
     for r in result["rounds"]:
@@ -398,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--explore", type=float, default=0.2)
     p.add_argument("--check-s", type=float, default=1.0)
     p.add_argument("--train-on", default="all", choices=["routed", "all"])
+    p.add_argument("--no-watch-ar", action="store_true", help="rounds >= 1 run auto and the best fixed arms only "
+                   "(default: ar too, so auto / ar is measured in the same round)")
     p.add_argument("--repeats", type=int, default=1, help="passes per (policy, level) in rounds >= 1, "
                    "interleaved (auto, fixed, fixed, auto, ...): auto / fixed comes with its spread")
     p.add_argument("--seed", type=int, default=0)
@@ -408,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LoopConfig(config=args.config, rounds=args.rounds, explore=args.explore, check_s=args.check_s,
                      concurrency=tuple(int(c) for c in args.concurrency.split(",")),
                      mix=TraceMix(n_requests=args.trace_requests, seed=args.seed), train_on=args.train_on,
-                     work_dir=args.work_dir, data_dir=args.data_dir, repeats=args.repeats)
+                     work_dir=args.work_dir, data_dir=args.data_dir, repeats=args.repeats,
+                     watch_ar=not args.no_watch_ar)
     result = run_loop(cfg)
     out = Path(args.out) if args.out else Path("runs") / time.strftime("retrain-loop-%Y%m%d-%H%M%S")
     paths = write_loop(result, out)
