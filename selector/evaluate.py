@@ -69,11 +69,20 @@ HEDGE_MIN_GAIN = 0.02         # oracle fraction a margin must gain over the plai
                               # on the loop's logs the curve was flat within 0.012 and held-out prompts disagreed
 
 
+def group_requests(table: Table, requests: Mapping[str, dict[str, list[int]]], column: str
+                   ) -> dict[object, dict[str, dict[str, list[int]]]]:
+    """Requests grouped by one Table column's value (a request's rows share it), in sorted value order."""
+    values = getattr(table, column)
+    out: dict = {}
+    for key, rows in requests.items():
+        out.setdefault(values[rows[next(iter(rows))][0]], {})[key] = rows
+    return {v: out[v] for v in sorted(out)}
+
+
 def level_defaults(table: Table, requests: Mapping[str, dict[str, list[int]]]) -> dict[str, str]:
     """Per level (Table concurrency) with at least MIN_HEDGE_REQUESTS of `requests`: the method best on them."""
     defaults = {}
-    for level in sorted(set(table.concurrency.tolist())):
-        sub = {k: r for k, r in requests.items() if table.concurrency[r[next(iter(r))][0]] == level}
+    for level, sub in group_requests(table, requests, "concurrency").items():
         if len(sub) >= MIN_HEDGE_REQUESTS:
             arm = best_fixed_arm(table, sub)                     # "pool/method"
             defaults[str(level)] = str(table.method[next(iter(sub.values()))[arm][0]])
@@ -141,12 +150,8 @@ SLICES = ("category", "concurrency", "temperature")   # Table columns the evalua
 
 def slice_requests(table: Table, requests: Mapping[str, dict[str, list[int]]], column: str
                    ) -> dict[str, dict[str, dict[str, list[int]]]]:
-    """Requests grouped by one Table column's value (a request's rows share it), in sorted value order."""
-    values = getattr(table, column)
-    out: dict = {}
-    for key, rows in requests.items():
-        out.setdefault(values[rows[next(iter(rows))][0]], {})[key] = rows
-    return {_label(column, v): out[v] for v in sorted(out)}
+    """`group_requests` keyed by the value's label ("c=4", "t=0.7", a category)."""
+    return {_label(column, v): sub for v, sub in group_requests(table, requests, column).items()}
 
 
 def _label(column: str, value) -> str:
