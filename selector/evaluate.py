@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .hedge import MARGINS
+from .hedge import cell as hedge_cell
 from .hedge import choose as hedge_choose
 from .train import MODEL_KINDS, Table, by_request, fit_model, oof_predictions, predict_table
 
@@ -53,14 +54,15 @@ def policy_metrics(table: Table, requests: Mapping[str, dict[str, list[int]]], w
 def argmax_policy(table: Table, requests: Mapping[str, dict[str, list[int]]], pred: np.ndarray,
                   hedge: Mapping | None = None) -> Weights:
     """Each request on the arm of highest `pred`, or as `hedge` (selector/hedge.py) has it: a request's level is
-    its Table concurrency."""
+    its Table concurrency, its sampling greedy where its temperature is 0."""
     out = {}
     for key, rows in requests.items():
         arms = list(rows)
         scores = [float(np.mean(pred[rows[a]])) for a in arms]
         methods = [str(table.method[rows[a][0]]) for a in arms]
-        level = int(table.concurrency[rows[arms[0]][0]])
-        out[key] = {arms[hedge_choose(scores, methods, [level] * len(arms), hedge)]: 1.0}
+        row = rows[arms[0]][0]
+        level, greedy = int(table.concurrency[row]), bool(table.temperature[row] == 0)
+        out[key] = {arms[hedge_choose(scores, methods, [level] * len(arms), hedge, greedy)]: 1.0}
     return out
 
 
@@ -79,43 +81,52 @@ def group_requests(table: Table, requests: Mapping[str, dict[str, list[int]]], c
     return {v: out[v] for v in sorted(out)}
 
 
-def level_defaults(table: Table, requests: Mapping[str, dict[str, list[int]]]) -> dict[str, str]:
-    """Per level (Table concurrency) with at least MIN_HEDGE_REQUESTS of `requests`: the method best on them."""
-    defaults = {}
+def level_defaults(table: Table, requests: Mapping[str, dict[str, list[int]]], by_sampling: bool = False
+                   ) -> dict[str, str]:
+    """Per hedge cell (selector/hedge.py: the Table concurrency, with `by_sampling` also greedy or sampled) with at
+    least MIN_HEDGE_REQUESTS of `requests`: the method best on them."""
+    cells: dict[str, dict[str, dict[str, list[int]]]] = {}
     for level, sub in group_requests(table, requests, "concurrency").items():
+        for greedy, part in (group_requests(table, sub, "greedy").items() if by_sampling else [(None, sub)]):
+            cells[hedge_cell(int(level), None if greedy is None else bool(greedy))] = part
+    defaults = {}
+    for key, sub in cells.items():
         if len(sub) >= MIN_HEDGE_REQUESTS:
             arm = best_fixed_arm(table, sub)                     # "pool/method"
-            defaults[str(level)] = str(table.method[next(iter(sub.values()))[arm][0]])
+            defaults[key] = str(table.method[next(iter(sub.values()))[arm][0]])
     return defaults
 
 
 def fit_hedge(table: Table, pred: np.ndarray, n_splits: int = 5, margins: tuple[float, ...] = MARGINS,
               min_gain: float = HEDGE_MIN_GAIN) -> dict | None:
     """The hedge for a model whose out-of-fold predictions on `table` are `pred` (folds grouped by prompt id):
-    per level the arm best on that level's requests (`level_defaults`), and the margin whose routing scores best
-    (oracle fraction; ties to the smaller), if it beats margin 0 (the plain argmax) by `min_gain`, else 0. The
-    margin is scored out of fold too: each fold's requests are routed with the levels' arms of the other folds,
-    so a fixed arm is not flattered by being picked on the requests it is scored on. None when no level has
-    enough requests that every arm served."""
+    per cell the arm best on that cell's requests (`level_defaults`: per level, or per level and sampling), and
+    the (granularity, margin) whose routing scores best (oracle fraction; ties to the coarser cells and the
+    smaller margin), if it beats margin 0 (the plain argmax) by `min_gain`, else margin 0 on levels. The margin
+    is scored out of fold too: each fold's requests are routed with the cells' arms of the other folds, so a
+    fixed arm is not flattered by being picked on the requests it is scored on. None when no level has enough
+    requests that every arm served."""
     from sklearn.model_selection import GroupKFold
 
     requests = by_request(table)
-    defaults = level_defaults(table, requests)
-    if not defaults:
+    if not level_defaults(table, requests):
         return None
     keys = list(requests)
     groups = [table.group[requests[k][next(iter(requests[k]))][0]] for k in keys]
-    weights: dict[float, Weights] = {m: {} for m in margins}
+    grid = [(fine, m) for fine in (False, True) for m in margins]
+    weights: dict[tuple[bool, float], Weights] = {g: {} for g in grid}
     for train, test in GroupKFold(n_splits=min(n_splits, len(set(groups)))).split(keys, groups=groups):
-        fold_defaults = level_defaults(table, {keys[i]: requests[keys[i]] for i in train})
+        trained = {keys[i]: requests[keys[i]] for i in train}
+        fold = {fine: level_defaults(table, trained, fine) for fine in (False, True)}
         tested = {keys[i]: requests[keys[i]] for i in test}
-        for m in margins:
-            weights[m] |= argmax_policy(table, tested, pred, {"margin": m, "defaults": fold_defaults})
-    scores = {m: policy_metrics(table, requests, w)["oracle_frac"] for m, w in weights.items()}
-    margin = max(margins, key=lambda m: (scores[m], -m))
-    if scores[margin] < scores.get(0.0, -np.inf) + min_gain:
-        margin = 0.0
-    return {"margin": margin, "defaults": defaults, "oof_oracle_frac": {f"{m:g}": v for m, v in scores.items()}}
+        for fine, m in grid:
+            weights[fine, m] |= argmax_policy(table, tested, pred, {"margin": m, "defaults": fold[fine]})
+    scores = {g: policy_metrics(table, requests, w)["oracle_frac"] for g, w in weights.items()}
+    fine, margin = max(grid, key=lambda g: (scores[g], not g[0], -g[1]))
+    if scores[fine, margin] < scores[False, 0.0] + min_gain:
+        fine, margin = False, 0.0
+    return {"margin": margin, "defaults": level_defaults(table, requests, fine),
+            "oof_oracle_frac": {f"{'level/sampling' if f else 'level'}:{m:g}": v for (f, m), v in scores.items()}}
 
 
 def fixed_policy(requests: Mapping[str, dict[str, list[int]]], arm: str) -> Weights:

@@ -15,6 +15,10 @@ loop's logs (2026-12-03) the out-of-fold curve was flat within 1.2% and the held
 best margin (0.78 vs 0.82 unhedged), so there it stays 0; it exists for a model that is clearly worse than the
 fixed arms (a noise model: tests/selector/test_hedge.py) and for logs where that is shown.
 
+A hedge's cells are load levels ("4") or, finer, a level and the request's sampling ("4/greedy", "4/sampled"):
+greedy and sampled requests favour different arms (n-gram drafts lose acceptance under sampling), so the fit
+tries both granularities and keeps the finer one only where it routes better out of fold.
+
 >>> hedge = {"margin": 0.1, "defaults": {"1": "ngram_store", "16": "recycling"}}
 >>> choose([4.0, 4.05], ["ngram_store", "sps"], [1, 1], hedge)      # sps predicted 5% faster: not enough
 0
@@ -22,6 +26,8 @@ fixed arms (a noise model: tests/selector/test_hedge.py) and for logs where that
 1
 >>> default_for(hedge["defaults"], 8)                               # nearest level in log terms
 'recycling'
+>>> default_for({"4/greedy": "ngram_store", "4/sampled": "sps"}, 1, greedy=False)
+'sps'
 """
 
 from __future__ import annotations
@@ -32,24 +38,39 @@ from collections.abc import Mapping, Sequence
 MARGINS = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)   # log tokens/s: +0% ... +172% predicted
 
 
-def default_for(defaults: Mapping[str, str], level: int) -> str | None:
-    """The arm of `level`, or of the nearest level in log2 (ties to the lower); None when there are none."""
-    if not defaults:
+SAMPLING = ("greedy", "sampled")
+
+
+def cell(level: int, greedy: bool | None = None) -> str:
+    """A hedge's key: the level alone, or the level and the request's sampling."""
+    return str(level) if greedy is None else f"{level}/{SAMPLING[0] if greedy else SAMPLING[1]}"
+
+
+def default_for(defaults: Mapping[str, str], level: int, greedy: bool | None = None) -> str | None:
+    """The arm of `level` (and, where the hedge has sampling cells, of the request's sampling), or of the nearest
+    level in log2 (ties to the lower); None when there are none."""
+    want = None if greedy is None else cell(level, greedy).partition("/")[2]
+    cells = {k.partition("/")[0]: v for k, v in defaults.items() if k.partition("/")[2] == want} if want else {}
+    if not cells:
+        cells = {k: v for k, v in defaults.items() if "/" not in k}
+    if not cells:
         return None
-    if str(level) in defaults:
-        return defaults[str(level)]
-    near = min(defaults, key=lambda lv: (abs(math.log2(int(lv)) - math.log2(max(level, 1))), int(lv)))
-    return defaults[near]
+    if str(level) in cells:
+        return cells[str(level)]
+    near = min(cells, key=lambda lv: (abs(math.log2(int(lv)) - math.log2(max(level, 1))), int(lv)))
+    return cells[near]
 
 
-def choose(pred: Sequence[float], methods: Sequence[str], levels: Sequence[int], hedge: Mapping | None) -> int:
-    """Index of the candidate to run: the argmax of `pred` (log tokens/s), unless a candidate running its level's
+def choose(pred: Sequence[float], methods: Sequence[str], levels: Sequence[int], hedge: Mapping | None,
+           greedy: bool | None = None) -> int:
+    """Index of the candidate to run: the argmax of `pred` (log tokens/s), unless a candidate running its cell's
     default arm is predicted within `hedge["margin"]` of it (then the best such candidate). `levels[i]`: the load
-    level of candidate i's pool."""
+    level of candidate i's pool; `greedy`: the request's sampling (for a hedge with sampling cells)."""
     best = max(range(len(pred)), key=lambda i: pred[i])
     if not hedge:
         return best
-    kept = [i for i in range(len(pred)) if methods[i] == default_for(hedge.get("defaults", {}), levels[i])]
+    defaults = hedge.get("defaults", {})
+    kept = [i for i in range(len(pred)) if methods[i] == default_for(defaults, levels[i], greedy)]
     if not kept:
         return best
     keep = max(kept, key=lambda i: pred[i])
@@ -65,7 +86,10 @@ def check(hedge: object) -> str | None:
     margin = hedge.get("margin", 0.0)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
         return f"hedge margin must be a finite number >= 0, got {margin!r}"
-    for level, arm in hedge.get("defaults", {}).items():
-        if not (isinstance(level, str) and level.isdigit() and int(level) >= 1 and isinstance(arm, str)):
-            return f"hedge defaults map levels (\"1\", \"4\", ...) to arm names, got {level!r}: {arm!r}"
+    for key, arm in hedge.get("defaults", {}).items():
+        level, _, sampling = key.partition("/") if isinstance(key, str) else ("", "", "")
+        if not (level.isdigit() and int(level) >= 1 and sampling in ("", *SAMPLING) and (sampling or "/" not in key)
+                and isinstance(arm, str)):
+            return (f"hedge defaults map cells (\"1\", \"4\", \"4/greedy\", \"4/sampled\", ...) to arm names, "
+                    f"got {key!r}: {arm!r}")
     return None

@@ -137,7 +137,8 @@ class Selector(_Base):
         scores = {f"{p.name}/{m}": round(math.exp(v), 3) for (p, m), v in zip(known, pred)}
         levels = [load_level(pool_feats[p.name]["load_running"] + pool_feats[p.name]["load_waiting"])
                   for p, _ in known]
-        pick = hedge_choose(pred.tolist(), [m for _, m in known], levels, self.model.hedge)
+        greedy = feats.get("greedy", 1.0) > 0
+        pick = hedge_choose(pred.tolist(), [m for _, m in known], levels, self.model.hedge, greedy)
         return known[pick], scores, "model" if pick == int(np.argmax(pred)) else "model: the level's arm (hedge)"
 
 

@@ -65,6 +65,11 @@ class Table:
         return len(self.tps)
 
     @property
+    def greedy(self) -> np.ndarray:
+        """[N] True where the request decoded greedily (temperature 0)."""
+        return self.temperature == 0
+
+    @property
     def methods(self) -> list[str]:
         seen = sorted(set(self.method.tolist()))
         return sorted(seen, key=lambda m: m != "ar")    # "ar" first, then alphabetical

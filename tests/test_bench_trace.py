@@ -9,8 +9,8 @@ import random
 
 import pytest
 
-from metaspec.bench.trace import AUTO, TraceConfig, TraceMix, build_trace, clear_tables, format_trace, quota, \
-    run_trace, write_trace
+from metaspec.bench.trace import TraceConfig, TraceMix, build_trace, clear_tables, quota, run_trace
+from metaspec.bench.trace_report import AUTO, format_trace, write_trace
 from metaspec.workers.scheduler import SchedulerConfig
 
 from .conftest import data_dir, make_engine
@@ -94,8 +94,8 @@ def test_repeats_interleave_the_policies_and_keep_each_pass(tmp_path):
     # run_policies' own bookkeeping, with a sender that takes a set time per token (no model: the order of the
     # passes and what is pooled from them is what is under test)
     from metaspec.bench.load import Trace
-    from metaspec.bench.trace import TraceRequest, pass_order, pass_ratios, ratios, repeat_tag, run_policies, \
-        summarize
+    from metaspec.bench.trace import TraceRequest, pass_order, repeat_tag, run_policies
+    from metaspec.bench.trace_report import pass_ratios, ratios, summarize
 
     assert [pass_order(["a", "b", "c"], 1, k) for k in range(3)] == [["b", "c", "a"], ["a", "c", "b"],
                                                                      ["b", "c", "a"]]

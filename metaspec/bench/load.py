@@ -116,3 +116,46 @@ def poisson(send: Send, requests: list[ServeRequest], rate_per_s: float, seed: i
             futures.append(pool.submit(one, request))
         traces = [f.result() for f in futures]
     return traces, time.perf_counter() - t0
+
+
+# ---- the machine under the load: was a pass slow, or the machine? --------------------------------------------
+
+def cpu_jiffies() -> tuple[int, ...] | None:
+    """The machine's CPU time counters (/proc/stat's first line: user nice system idle iowait irq softirq steal
+    ...); None where there is none (not Linux)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            return tuple(int(x) for x in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_shares(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> dict[str, float | None]:
+    """Between two `cpu_jiffies`: the share of CPU time that was busy and the share a hypervisor took from this
+    VM (steal: its other guests ran), or None without counters.
+
+    >>> cpu_shares((0, 0, 0, 100, 0, 0, 0, 0), (50, 0, 10, 130, 0, 0, 0, 10))
+    {'busy_frac': 0.6, 'steal_frac': 0.1}
+    """
+    if before is None or after is None or len(before) < 8 or len(after) < 8:
+        return {"busy_frac": None, "steal_frac": None}
+    d = [b - a for a, b in zip(before, after)]
+    total = sum(d)
+    if total <= 0:
+        return {"busy_frac": None, "steal_frac": None}
+    return {"busy_frac": (total - d[3] - d[4] - d[7]) / total, "steal_frac": d[7] / total}
+
+
+def canary_ms(size: int = 384, reps: int = 15) -> float:
+    """The median time of one fixed float32 matmul in this process: the machine's speed at this moment, taken
+    between passes (idle), so that passes on a machine that slowed down (another guest, a clock) can be told from
+    passes that were slow."""
+    import torch
+
+    a, b = torch.ones(size, size), torch.ones(size, size)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t0)
+    return 1000.0 * sorted(times)[len(times) // 2]

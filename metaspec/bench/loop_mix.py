@@ -24,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from metaspec.bench.retrain_loop import parse_request_id, read_outcomes
-from metaspec.bench.trace import AUTO
+from metaspec.bench.trace_report import AUTO
 
 
 def analyse(records: list[dict], sampled_arm: str = "sps") -> dict:

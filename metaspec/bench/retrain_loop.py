@@ -48,7 +48,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from metaspec.bench.trace import AUTO, TraceConfig, TraceMix, best_fixed, pass_ratios, run_trace, spread, table
+from metaspec.bench.trace import TraceConfig, TraceMix, run_trace
+from metaspec.bench.trace_report import AUTO, best_fixed, pass_ratios, spread, table
 
 PROBE = "probe"
 

@@ -1,8 +1,11 @@
 """The hedge (selector/hedge.py): a level's best fixed arm is kept unless another arm is predicted more than a
 margin faster. Fitted on out-of-fold predictions it stays at margin 0 for a model that knows the winners and
-grows for one that does not; the selector routes by it, the retrain writes it, a model file's hedge is checked."""
+grows for one that does not, and splits a level by sampling where greedy and sampled requests favour different
+arms; the selector routes by it, the retrain writes it, a model file's hedge is checked."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -37,13 +40,25 @@ def test_the_levels_arm_is_kept_within_the_margin_and_left_beyond_it():
     assert default_for(hedge["defaults"], 32) == "ar" and default_for({}, 4) is None
     assert check(hedge) is None and check(None) is None
     for bad in ([1], {"margin": -1.0}, {"margin": float("inf")}, {"margin": True}, {"defaults": {"0": "ar"}},
-                {"defaults": {"4": 3}}, {"defaults": [("4", "ar")]}):
+                {"defaults": {"4": 3}}, {"defaults": [("4", "ar")]}, {"defaults": {"4/fast": "ar"}},
+                {"defaults": {"4/": "ar"}}, {"defaults": {"/greedy": "ar"}}, {"defaults": {4: "ar"}}):
         assert check(bad), bad
+
+
+def test_a_hedge_with_sampling_cells_keeps_the_arm_of_the_requests_sampling():
+    hedge = {"margin": 0.1, "defaults": {"1/greedy": "pld", "1/sampled": "sps", "16/greedy": "ar"}}
+    assert check(hedge) is None
+    assert choose([4.05, 4.0], ["pld", "sps"], [1, 1], hedge, greedy=False) == 1
+    assert choose([4.0, 4.05], ["pld", "sps"], [1, 1], hedge, greedy=True) == 0
+    assert default_for(hedge["defaults"], 16, greedy=False) == "sps"      # the nearest level with sampled cells
+    assert default_for(hedge["defaults"], 4, greedy=True) == "pld"
+    assert default_for(hedge["defaults"], 4) is None                      # no level-only cells, no sampling given
+    assert default_for({"4": "ar"}, 4, greedy=True) == "ar"               # level cells serve either sampling
 
 
 def test_fitted_on_a_model_that_knows_the_winners_the_margin_is_zero(table):
     hedge = fit_hedge(table, np.log(table.tps))           # predictions that are the measurements
-    assert hedge["margin"] == 0.0 and hedge["oof_oracle_frac"]["0"] == pytest.approx(1.0)
+    assert hedge["margin"] == 0.0 and hedge["oof_oracle_frac"]["level:0"] == pytest.approx(1.0)
     assert hedge["defaults"]["16"] == "ar"                 # the planted load: at 16 every draft costs the batch
 
 
@@ -55,6 +70,31 @@ def test_fitted_on_a_model_that_knows_nothing_it_keeps_each_levels_arm_and_route
     plain = policy_metrics(table, requests, argmax_policy(table, requests, noise))["oracle_frac"]
     hedged = policy_metrics(table, requests, argmax_policy(table, requests, noise, hedge))["oracle_frac"]
     assert hedged > plain + 0.05, (hedged, plain)
+
+
+def split_by_sampling(outcomes):
+    """pld twice as fast on greedy requests and half as fast on sampled ones: the best arm of a level depends on
+    the request's sampling."""
+    def planted(o):
+        gain = (2.0 if o.temperature == 0 else 0.5) if o.method == "pld" else 1.0
+        return dataclasses.replace(o, tokens_per_s=o.tokens_per_s * gain, wall_s=o.wall_s / gain)
+    return [planted(o) for o in outcomes]
+
+
+def test_where_sampling_splits_the_winners_a_noise_model_is_hedged_by_level_and_sampling():
+    table = build_table(split_by_sampling(synthetic_load_outcomes(24, seed=2)))
+    noise = np.random.default_rng(1).normal(0.0, 0.5, len(table)) + 4.0
+    hedge = fit_hedge(table, noise)
+    assert hedge["defaults"]["1/greedy"] == "pld" and hedge["defaults"]["1/sampled"] == "sps", hedge
+    assert all("/" in k for k in hedge["defaults"]) and hedge["margin"] >= 0.5
+    fracs = hedge["oof_oracle_frac"]
+    assert max(v for k, v in fracs.items() if k.startswith("level/")) > max(
+        v for k, v in fracs.items() if k.startswith("level:")) + 0.05, fracs
+    requests = by_request(table)
+    hedged = policy_metrics(table, requests, argmax_policy(table, requests, noise, hedge))["oracle_frac"]
+    by_level = {"margin": hedge["margin"], "defaults": {k.partition("/")[0]: v for k, v in hedge["defaults"].items()
+                                                         if k.endswith("/greedy")}}
+    assert hedged > policy_metrics(table, requests, argmax_policy(table, requests, noise, by_level))["oracle_frac"]
 
 
 def test_the_selector_routes_by_the_files_hedge(table, tmp_path):
@@ -71,6 +111,11 @@ def test_the_selector_routes_by_the_files_hedge(table, tmp_path):
     request = RequestInput(prompt_ids=tuple(ids), max_tokens=64)
     assert (c := selector.choose(request, [idle])).method == "ar" and c.reason == "model: the level's arm (hedge)"
     assert selector.choose(request, [busy]).method == "sps"
+    model.meta["hedge"] = {"margin": 1.0, "defaults": {"1/greedy": "ar", "1/sampled": "sps"}}
+    model.save(path, design(table, model.methods)[0][:8])
+    by_sampling = Selector.load(path, SelectorConfig(epsilon=0.0))
+    sampled = RequestInput(prompt_ids=tuple(ids), max_tokens=64, temperature=1.0)
+    assert by_sampling.choose(request, [idle]).method == "ar" and by_sampling.choose(sampled, [idle]).method == "sps"
     model.meta.pop("hedge")
     model.save(path, design(table, model.methods)[0][:8])
     plain = Selector.load(path, SelectorConfig(epsilon=0.0)).choose(request, [idle])
