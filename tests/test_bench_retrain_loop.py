@@ -7,8 +7,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from metaspec.bench.retrain_loop import LoopConfig, _pools, compare, format_loop, loop_yaml, oracle_estimate, \
-    parse_request_id, plot_loop, round_summary, training_records
+from metaspec.bench.retrain_loop import LoopConfig, _pools, compare, loop_yaml, oracle_estimate, parse_request_id, \
+    round_summary, training_records
+from metaspec.bench.retrain_loop_report import format_loop, plot_loop
 
 
 def outcome(rid: str, wall_s: float, reason: str = "fixed", tokens: int = 10, status: str = "OK") -> dict:
@@ -86,8 +87,8 @@ def test_the_service_starts_with_no_selector_file_and_exploration_on(tmp_path):
 
 def test_a_rounds_repeats_give_auto_vs_fixed_repeat_by_repeat(tmp_path):
     def passes(*tps):
-        return [{"repeat": k, "output_tokens": 10 * t, "wall_s": 10.0, "output_tokens_per_s": t}
-                for k, t in enumerate(tps)]
+        return [{"repeat": k, "output_tokens": 10 * t, "wall_s": 10.0, "output_tokens_per_s": t,
+                 "canary_ms": 2.0 + k, "busy_frac": 0.9, "steal_frac": 0.01 * k} for k, t in enumerate(tps)]
     trace = _trace({1: 105.0}, {"pld": {1: 100.0}, "ar": {1: 70.0}}, {"pld": 4})
     trace["records"][0]["passes"] = passes(90.0, 120.0)          # auto
     trace["records"][1]["passes"] = passes(100.0, 100.0)         # pld
@@ -99,7 +100,9 @@ def test_a_rounds_repeats_give_auto_vs_fixed_repeat_by_repeat(tmp_path):
     result = {"config": {"concurrency": [1], "explore": 0.2, "train_on": "all"},
               "machine": {"cpu_model": "cpu", "load_avg_1_5_15": [1.0, 1.0, 1.0]}, "trace": {"n": 10},
               "round0_records": trace["records"], "rounds": [rd], "comparison": [row], "oracle": {}}
-    assert "(0.90-1.20 over 2 repeats)" in format_loop(result)
+    text = format_loop(result)
+    assert "(0.90-1.20 over 2 repeats)" in text
+    assert "round 1 machine: canary 2.00-3.00 ms over 4 passes, steal <= 1.0%, busy 90-90%" in text
     plot_loop(result, tmp_path / "loop.png")                      # each repeat's pass drawn beside the pooled
     assert (tmp_path / "loop.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="repeats"):

@@ -146,7 +146,7 @@ def cpu_shares(before: tuple[int, ...] | None, after: tuple[int, ...] | None) ->
     return {"busy_frac": (total - d[3] - d[4] - d[7]) / total, "steal_frac": d[7] / total}
 
 
-def canary_ms(size: int = 384, reps: int = 15) -> float:
+def canary_ms(size: int = 512, reps: int = 21) -> float:
     """The median time of one fixed float32 matmul in this process: the machine's speed at this moment, taken
     between passes (idle), so that passes on a machine that slowed down (another guest, a clock) can be told from
     passes that were slow."""
