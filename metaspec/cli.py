@@ -306,7 +306,7 @@ def _retrain(args) -> int:
 
     cfg = RetrainConfig(kinds=_csv(args.kinds) or RetrainConfig().kinds, n_splits=args.folds,
                         holdout_share=args.holdout_share, tolerance=args.tolerance, seed=args.seed,
-                        hedge=not args.no_hedge)
+                        hedge=not args.no_hedge, caps_sampled_drafts=args.caps_sampled_drafts)
     try:
         report = retrain(args.outcomes, args.current, args.out, cfg)
     except (ValueError, OSError) as exc:
@@ -366,6 +366,9 @@ def _add_selector_commands(sub) -> None:
     p.add_argument("--tolerance", type=float, default=0.0)
     p.add_argument("--no-hedge", action="store_true", help="route by the plain argmax of the predictions (default: "
                    "keep each load level's best fixed arm unless another is predicted a fitted margin faster)")
+    p.add_argument("--caps-sampled-drafts", action="store_true", help="the pools cap sampled drafts "
+                   "(cap_sampled_drafts: true), so sps / early_exit may serve sampled requests under load: fit and "
+                   "score on those rows too (default: drop them, the router cannot choose them)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_retrain)
 

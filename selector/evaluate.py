@@ -130,7 +130,10 @@ def fit_hedge(table: Table, pred: np.ndarray, n_splits: int = 5, margins: tuple[
 
 
 def fixed_policy(requests: Mapping[str, dict[str, list[int]]], arm: str) -> Weights:
-    return {key: {arm: 1.0} for key in requests}
+    """Every request on `arm`; one that `arm` did not serve (waived: the router cannot choose it there) on its
+    pool's AR, as the router's fixed mode falls back."""
+    ar = f"{arm.rpartition('/')[0]}/ar"
+    return {key: {arm if arm in rows or ar not in rows else ar: 1.0} for key, rows in requests.items()}
 
 
 def random_policy(requests: Mapping[str, dict[str, list[int]]]) -> Weights:
@@ -138,7 +141,7 @@ def random_policy(requests: Mapping[str, dict[str, list[int]]]) -> Weights:
 
 
 def best_fixed_arm(table: Table, requests: Mapping[str, dict[str, list[int]]]) -> str:
-    arms = sorted(next(iter(requests.values())))
+    arms = sorted({a for rows in requests.values() for a in rows})
     return max(arms, key=lambda a: policy_metrics(table, requests, fixed_policy(requests, a))["oracle_frac"])
 
 

@@ -11,20 +11,26 @@ tokens/s. Both models are scored on the same held-out rows, which the new model 
 selector would route it: under its hedge (selector/hedge.py), which the retrain fits on the chosen kind's
 out-of-fold predictions when the training prompts have enough requests that every arm served (`--no-hedge`:
 none). The report gives the new model's held-out score with and without it (`unhedged_score`).
+
+Fitted and scored only on rows the router could have chosen (`routable`, by the rules' placement needs): a
+sampled request decoded beside others is never routed to an `alone_when_sampled` arm (sps, early_exit), nor any
+request to a `second_device` arm (pearl) on a pool of one device. Those rows (from clients that named the arm)
+would teach the hedge arms it cannot use and flatter the held-out score with choices the router cannot make.
+`--caps-sampled-drafts` (the pools cap sampled drafts: that rule is off) keeps the first kind.
 """
 
 from __future__ import annotations
 
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from .evaluate import argmax_policy, best_fixed_arm, fit_hedge, fixed_policy, policy_metrics
 from .model import SelectorFileError, SelectorModel
-from .train import MODEL_KINDS, Table, build_table, by_request, fit_model, load_outcomes, oof_predictions, \
+from .train import BASE_FEATURES, MODEL_KINDS, Table, build_table, by_request, fit_model, load_outcomes, oof_predictions, \
     predict_table
 
 MIN_REQUESTS = 5           # complete requests needed to score by routing rather than by RMSE
@@ -38,7 +44,29 @@ class RetrainConfig:
     tolerance: float = 0.0                 # the new model may score this much below the current one
     hedge: bool = True                     # fit a hedge (selector/hedge.py): keep each level's best fixed arm
                                            # unless another is predicted more than a margin faster
+    caps_sampled_drafts: bool = False      # the pools cap sampled drafts (the alone_when_sampled rule is off there):
+                                           # keep the rows `routable` drops
     seed: int = 0
+
+
+def placement_needs(need: str) -> frozenset[str]:
+    """The arms with placement need `need` (selector/rules.py: "alone_when_sampled", "second_device")."""
+    from .rules import DEFAULT_ARMS
+
+    return frozenset(name for name in DEFAULT_ARMS if need in DEFAULT_ARMS[name].requires)
+
+
+def routable(table: Table, caps_sampled_drafts: bool = False) -> Table:
+    """The rows the router could have chosen (the rest come from clients that named the arm), by the rules'
+    placement needs: no sampled request decoded beside others (level > 1) on an `alone_when_sampled` arm (unless
+    the pools cap sampled drafts), no `second_device` arm on a pool of one device. Requests count as complete
+    without the dropped arms (`Table.waived`)."""
+    alone = set() if caps_sampled_drafts else placement_needs("alone_when_sampled")
+    second = placement_needs("second_device")
+    devices = table.base[:, BASE_FEATURES.index("pool_devices")]
+    drop = (np.isin(table.method, sorted(alone)) & ~table.greedy & (table.concurrency > 1)) | (
+        np.isin(table.method, sorted(second)) & (devices < 2))
+    return replace(table.subset(np.flatnonzero(~drop)), waived=tuple(sorted(alone | second)))
 
 
 def score(pred: np.ndarray, table: Table, hedge: dict | None = None) -> tuple[float, str]:
@@ -71,8 +99,10 @@ def retrain(outcome_paths: list[str | Path], current: str | Path | None, out: st
     """Fit, compare with `current` on held-out prompts, write `out` only when not worse. Returns a report."""
     t0 = time.perf_counter()
     outcomes, bad = load_outcomes(outcome_paths)
-    table = build_table(outcomes)
-    report = {"records": len(outcomes), "unreadable_lines": bad, "usable": len(table), "skipped": table.skipped}
+    built = build_table(outcomes)
+    table = routable(built, cfg.caps_sampled_drafts)
+    report = {"records": len(outcomes), "unreadable_lines": bad, "usable": len(table), "skipped": table.skipped,
+              "unroutable": len(built) - len(table)}
     if len(table) < 10 or len(set(table.method.tolist())) < 2:
         return report | {"written": False, "reason": "too little data: need >= 10 usable records and >= 2 arms"}
     hold = holdout_mask(table, cfg.holdout_share, cfg.seed)

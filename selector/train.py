@@ -60,6 +60,8 @@ class Table:
     temperature: np.ndarray    # [N] sampling temperature
     data_hash: str             # sha256 of the records used
     skipped: int               # records left out (failed, other feature version, missing features)
+    waived: tuple[str, ...] = ()   # methods a request need not have served to count as complete: where the
+                                   # router cannot choose them, their rows are dropped (`retrain.routable`)
 
     def __len__(self) -> int:
         return len(self.tps)
@@ -77,7 +79,7 @@ class Table:
     def subset(self, idx: np.ndarray) -> "Table":
         cut = {f: getattr(self, f)[idx] for f in ("base", "method", "arm", "tps", "tokens", "wall_s", "key", "group",
                                                   "category", "concurrency", "temperature")}
-        return Table(**cut, data_hash=self.data_hash, skipped=self.skipped)
+        return Table(**cut, data_hash=self.data_hash, skipped=self.skipped, waived=self.waived)
 
 
 def load_level(others: float) -> int:
@@ -226,9 +228,11 @@ def oof_predictions(table: Table, kind: str, n_splits: int = 5, seed: int = 0,
 
 
 def by_request(table: Table, arms: list[str] | None = None) -> dict[str, dict[str, list[int]]]:
-    """key → arm → row indices, for requests served by every arm in `arms` (default: every arm in the table)."""
+    """key → arm → row indices, for requests served by every arm in `arms` (default: every arm in the table) but
+    the table's `waived` methods."""
     arms = arms or sorted(set(table.arm.tolist()))
     grouped: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for i, (k, a) in enumerate(zip(table.key, table.arm)):
         grouped[k][a].append(i)
-    return {k: dict(v) for k, v in grouped.items() if all(a in v for a in arms)}
+    return {k: dict(v) for k, v in grouped.items() if all(a in v or a.rpartition("/")[2] in table.waived
+                                                          for a in arms)}

@@ -223,16 +223,19 @@ def read_outcomes(folder: Path) -> list[dict]:
     return out
 
 
-def retrain_round(outcome_dir: Path, work: Path, index: int, cfg: LoopConfig) -> dict:
-    """`metaspec retrain` on this round's training records, into the router's selector path."""
-    from metaspec.selector.retrain import retrain
+def retrain_round(outcome_dir: Path, work: Path, index: int, cfg: LoopConfig, pools: list[dict]) -> dict:
+    """`metaspec retrain` on this round's training records, into the router's selector path (with
+    `--caps-sampled-drafts` where the served pools cap sampled drafts)."""
+    from metaspec.selector.retrain import RetrainConfig, retrain
 
     records = training_records(read_outcomes(outcome_dir), cfg.train_on)
     data = work / "train" / f"round{index}.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     selector = work / "selector.skops"
-    report = retrain([data], selector if selector.exists() else None, selector)
+    caps = bool(pools) and all(p.get("cap_sampled_drafts", False) for p in pools)
+    report = retrain([data], selector if selector.exists() else None, selector,
+                     RetrainConfig(caps_sampled_drafts=caps))
     return report | {"training_records": len(records)}
 
 
@@ -279,7 +282,7 @@ def run_loop(cfg: LoopConfig) -> dict:
             bar.update(1)
             probe_ids = list(client.generate("def f(x):", max_tokens=1).token_ids) or [1]
             for i in range(1, cfg.rounds + 1):
-                report = retrain_round(outcome_dir, work, i, cfg)
+                report = retrain_round(outcome_dir, work, i, cfg, _pools(served))
                 version, reload_s = client.list_methods().selector_version, None
                 if report.get("written"):
                     reload_s = wait_for_version(client, report["version"], probe_ids, cfg.check_s,

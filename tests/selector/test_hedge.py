@@ -10,11 +10,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from metaspec.selector.evaluate import argmax_policy, fit_hedge, policy_metrics
+from metaspec.selector.evaluate import argmax_policy, fit_hedge, fixed_policy, policy_metrics
 from metaspec.selector.features import load_features
 from metaspec.selector.hedge import check, choose, default_for
 from metaspec.selector.model import SelectorModel
-from metaspec.selector.retrain import RetrainConfig, retrain
+from metaspec.selector.retrain import RetrainConfig, retrain, routable
 from metaspec.selector.selector import Selector, SelectorConfig
 from metaspec.selector.train import build_table, by_request, design, fit_model
 from metaspec.selector.types import PoolInfo
@@ -126,9 +126,28 @@ def test_retrain_writes_the_hedge_and_scores_the_held_out_prompts_under_it(tmp_p
     data = tmp_path / "load.jsonl"
     data.write_text("".join(o.to_json() + "\n" for o in synthetic_load_outcomes(30, seed=3)))
     report = retrain([data], None, tmp_path / "out.skops", RetrainConfig(kinds=("rf",), n_splits=3))
-    assert report["written"] and report["hedge"]["defaults"]["16"] == "ar"
+    assert report["written"] and report["hedge"]["defaults"]["16/greedy" if "16/greedy" in report["hedge"][
+        "defaults"] else "16"] == "ar"
+    assert report["unroutable"] == 30 * 2              # sps on the sampled requests at 4 and 16 clients
     assert report["unhedged_score"] is not None and 0 < report["new_score"] <= 1.0
     assert SelectorModel.load(tmp_path / "out.skops").hedge["margin"] == report["hedge"]["margin"]
     off = retrain([data], None, tmp_path / "off.skops", RetrainConfig(kinds=("rf",), n_splits=3, hedge=False))
     assert off["hedge"] is None and SelectorModel.load(tmp_path / "off.skops").hedge is None
     assert off["new_score"] == pytest.approx(report["unhedged_score"])
+
+
+def test_the_retrain_drops_rows_the_router_cannot_choose_and_still_counts_those_requests():
+    from collections import Counter
+
+    table = build_table(synthetic_load_outcomes(12, seed=4))
+    cut = routable(table)
+    rows = lambda t: Counter(zip(t.method.tolist(), t.greedy.tolist(), t.concurrency.tolist()))  # noqa: E731
+    assert rows(table) - rows(cut) == Counter({("sps", False, 4): 12, ("sps", False, 16): 12})
+    assert len(routable(table, caps_sampled_drafts=True)) == len(table)     # the pools cap sampled drafts
+    requests = by_request(cut)
+    assert len(requests) == len(by_request(table))      # complete on the arms the router may choose
+    busy_sampled = [k for k in requests if k.rsplit("|", 1)[1] != "c1" and "|1.0|" in k]
+    assert busy_sampled and all("cpu/sps" not in requests[k] for k in busy_sampled)
+    weights = fixed_policy(requests, "cpu/sps")         # where sps cannot serve, the router's fallback: AR
+    assert all(weights[k] == {"cpu/ar": 1.0} for k in busy_sampled)
+    assert all(w == {"cpu/sps": 1.0} for k, w in weights.items() if k not in busy_sampled)
