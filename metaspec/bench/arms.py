@@ -378,16 +378,11 @@ def default_out_dir() -> Path:
 
 def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     """bench.json, table.txt and speedup.png under out_dir."""
-    import json
-
+    from metaspec.bench.report import write_files
     from metaspec.bench_report import format_tables, plot_speedup
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "bench.json", "table": out_dir / "table.txt", "png": out_dir / "speedup.png"}
-    paths["json"].write_text(json.dumps(result, indent=1))
-    paths["table"].write_text(format_tables(result) + "\n")
-    plot_speedup(result["summary"], paths["png"], title=_plot_title(result))
-    return paths
+    return write_files(out_dir, ("bench.json", "table.txt", "speedup.png"), result, format_tables(result),
+                       lambda path: plot_speedup(result["summary"], path, title=_plot_title(result)))
 
 
 def _plot_title(result: dict) -> str:

@@ -9,6 +9,7 @@ or gaps (ITL) of every repeat pooled; throughputs are the median over repeats.
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -189,3 +190,14 @@ def plot(series: dict[str, list[dict]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_files(out_dir: Path, names: tuple[str, str, str], result: dict, text: str, plot) -> dict[str, Path]:
+    """A benchmark's three outputs under out_dir, named `names`: the result as JSON, the human table `text` and
+    the PNG `plot(path)` draws; {json, table, png} -> path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {kind: out_dir / name for kind, name in zip(("json", "table", "png"), names)}
+    paths["json"].write_text(json.dumps(result, indent=1))
+    paths["table"].write_text(text + "\n")
+    plot(paths["png"])
+    return paths

@@ -5,9 +5,9 @@ oracle, each repeat's pass drawn faint), beside `retrain_loop.json`."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from metaspec.bench.report import write_files
 from metaspec.bench.trace_report import spread, table
 
 
@@ -103,10 +103,5 @@ def plot_loop(result: dict, path: Path) -> None:
 
 
 def write_loop(result: dict, out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "retrain_loop.json", "table": out_dir / "retrain_loop.txt",
-             "png": out_dir / "retrain_loop.png"}
-    paths["json"].write_text(json.dumps(result, indent=1))
-    paths["table"].write_text(format_loop(result) + "\n")
-    plot_loop(result, paths["png"])
-    return paths
+    return write_files(out_dir, ("retrain_loop.json", "retrain_loop.txt", "retrain_loop.png"), result,
+                       format_loop(result), lambda path: plot_loop(result, path))

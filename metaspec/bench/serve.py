@@ -15,7 +15,6 @@ concurrency: request_throughput, output_tokens_per_s, ttft_ms, tpot_ms, itl_ms a
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -340,17 +339,14 @@ def _memory_line(mem: dict) -> str:
 
 def write_outputs(result: dict, out_dir: Path) -> dict[str, Path]:
     """bench_serve.json, table.txt and throughput.png under out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "bench_serve.json", "table": out_dir / "table.txt", "png": out_dir / "throughput.png"}
-    paths["json"].write_text(json.dumps(result, indent=1))
-    paths["table"].write_text(format_result(result) + "\n")
     m, c = result["machine"], result["config"]
     title = (f"output tokens/s vs concurrency · {Path(c['engine']['target']).name} {m['dtype']} · "
              f"{m['torch_threads']} threads · {c['max_tokens']} tokens · {m['cpu_model']}")
     series = {"metaspec": result["records"], f"old {(result['baseline_commit'] or '')[:7]}": result["baseline_records"],
               "hf": result["hf_records"]}
-    report.plot({k: v for k, v in series.items() if v}, paths["png"], title)
-    return paths
+    return report.write_files(out_dir, ("bench_serve.json", "table.txt", "throughput.png"), result,
+                              format_result(result),
+                              lambda path: report.plot({k: v for k, v in series.items() if v}, path, title))
 
 
 def default_out_dir() -> Path:

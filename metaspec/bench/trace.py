@@ -14,9 +14,8 @@ Policies: `auto` (no method named: the service's selector; on the engine backend
 the backend runs, `ar`. Each level replays the whole trace once per policy, policies in an order rotated per
 level; with `repeats` k, k times per policy, the order reversed on every other repeat (A B C, C B A: a machine
 drifting over the passes weighs on every policy alike), records pooled over the passes and each ratio also given
-repeat by repeat (its spread). Reported per (policy, level) and over the whole trace (tokens of every level over
-the summed wall time): output tokens/s, TPOT p50/p99 (`report.py` definitions). Output: `trace.json`, `trace_table.txt`,
-`trace_throughput.png` (tokens/s against concurrency, one line per policy): `trace_report.py`.
+repeat by repeat (its spread); each pass also records the machine's speed (`measure`). Records, ratios, table,
+JSON and plot (tokens/s against concurrency, one line per policy): `trace_report.py`.
 
 >>> result = run_trace(TraceConfig(concurrency=(1, 4), mix=TraceMix(n_requests=16)))
 >>> sorted({r["policy"] for r in result["records"]})[:2]
@@ -220,9 +219,8 @@ PASS_FIELDS = ("output_tokens", "wall_s", "output_tokens_per_s", "canary_ms", "b
 
 def measure(send, requests: list[TraceRequest], level: int, bar=None) -> tuple[dict, list[Trace]]:
     """One pass; its metrics carry the machine's state: `canary_ms` just before it, busy and steal shares during."""
-    tick = bar.update if bar is not None else None
     canary, before = canary_ms(), cpu_jiffies()
-    traces, wall = closed_loop(send, requests, level, tick)
+    traces, wall = closed_loop(send, requests, level, bar.update if bar is not None else None)
     return report.run_metrics(traces, wall) | {"canary_ms": canary, **cpu_shares(before, cpu_jiffies())}, traces
 
 
@@ -378,8 +376,6 @@ def run_trace(cfg: TraceConfig, engine=None, client=None, reset=None) -> dict:
 
 def run_from_cli(args) -> int:
     import sys
-
-    from metaspec.bench.backends import EngineSpec
 
     try:
         levels = tuple(int(c) for c in args.concurrency.split(","))

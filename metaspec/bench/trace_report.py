@@ -1,11 +1,11 @@
 """The mixed trace's records and report (`trace.py` replays it): one record per (policy, level) and per policy over
-the whole trace, the ratios the issue's targets name (auto / best fixed arm, auto / ar; repeat by repeat too), the
-table, `trace.json`, `trace_table.txt` and `trace_throughput.png`.
+the whole trace (output tokens/s, TPOT p50/p99 by `report.py`'s definitions), the ratios the issue's targets name
+(auto / best fixed arm, auto / ar; repeat by repeat too), the table, `trace.json`, `trace_table.txt` and
+`trace_throughput.png`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from metaspec.bench import report
@@ -131,13 +131,9 @@ def format_trace(result: dict) -> str:
 
 def write_trace(result: dict, out_dir: Path) -> dict[str, Path]:
     """trace.json, trace_table.txt, trace_throughput.png under out_dir."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "trace.json", "table": out_dir / "trace_table.txt",
-             "png": out_dir / "trace_throughput.png"}
-    paths["json"].write_text(json.dumps(result, indent=1))
-    paths["table"].write_text(format_trace(result) + "\n")
     levels = [r for r in result["records"] if r["concurrency"] != "all"]
     series = {"metaspec": [{"method": r["policy"], **r} for r in levels]}
-    report.plot(series, paths["png"], f"mixed trace ({result['trace']['n']} requests) · output tokens/s vs "
-                                       f"concurrency · backend {result['config']['backend']}")
-    return paths
+    title = (f"mixed trace ({result['trace']['n']} requests) · output tokens/s vs concurrency · backend "
+             f"{result['config']['backend']}")
+    return report.write_files(out_dir, ("trace.json", "trace_table.txt", "trace_throughput.png"), result,
+                              format_trace(result), lambda path: report.plot(series, path, title))
