@@ -30,8 +30,8 @@ import numpy as np
 
 from .evaluate import argmax_policy, best_fixed_arm, fit_hedge, fixed_policy, policy_metrics
 from .model import SelectorFileError, SelectorModel
-from .train import BASE_FEATURES, MODEL_KINDS, Table, build_table, by_request, fit_model, load_outcomes, oof_predictions, \
-    predict_table
+from .train import BASE_FEATURES, MODEL_KINDS, Table, build_table, by_request, fit_model, load_outcomes, \
+    oof_predictions, predict_table
 
 MIN_REQUESTS = 5           # complete requests needed to score by routing rather than by RMSE
 
