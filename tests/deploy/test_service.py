@@ -234,6 +234,9 @@ def test_list_methods(client):
     info = client.list_methods()
     assert {"ar", "pld", "sps"} <= {m.name for m in info.methods}
     assert all(m.description for m in info.methods)
+    requires = {m.name: set(m.requires) for m in info.methods}      # resources and placement needs alike
+    assert requires["pearl"] == {"drafter", "second_device"} and requires["sps"] == {"drafter", "alone_when_sampled"}
+    assert requires["ar"] == set()
     pools = {p.name: p for p in info.pools}
     assert "sps" in pools["a"].methods and "sps" not in pools["b"].methods and "pld" in pools["b"].methods
     assert {"ngram_store", "recycling"} <= set(pools["a"].methods) and "ngram_store" not in pools["b"].methods
