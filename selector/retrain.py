@@ -12,7 +12,7 @@ selector would route it: under its hedge (selector/hedge.py), which the retrain 
 out-of-fold predictions when the training prompts have enough requests that every arm served (`--no-hedge`:
 none). The report gives the new model's held-out score with and without it (`unhedged_score`).
 
-Fitted and scored only on rows the router could have chosen (`routable`, by the rules' placement needs): a
+Fitted and scored only on rows the router could have chosen (`routable`, by the router's own rules): e.g. a
 sampled request decoded beside others is never routed to an `alone_when_sampled` arm (sps, early_exit), nor any
 request to a `second_device` arm (pearl) on a pool of one device. Those rows (from clients that named the arm)
 would teach the hedge arms it cannot use and flatter the held-out score with choices the router cannot make.
@@ -49,24 +49,25 @@ class RetrainConfig:
     seed: int = 0
 
 
-def placement_needs(need: str) -> frozenset[str]:
-    """The arms with placement need `need` (selector/rules.py: "alone_when_sampled", "second_device")."""
-    from .rules import DEFAULT_ARMS
-
-    return frozenset(name for name in DEFAULT_ARMS if need in DEFAULT_ARMS[name].requires)
-
-
 def routable(table: Table, caps_sampled_drafts: bool = False) -> Table:
-    """The rows the router could have chosen (the rest come from clients that named the arm), by the rules'
-    placement needs: no sampled request decoded beside others (level > 1) on an `alone_when_sampled` arm (unless
-    the pools cap sampled drafts), no `second_device` arm on a pool of one device. Requests count as complete
-    without the dropped arms (`Table.waived`)."""
-    alone = set() if caps_sampled_drafts else placement_needs("alone_when_sampled")
-    second = placement_needs("second_device")
-    devices = table.base[:, BASE_FEATURES.index("pool_devices")]
-    drop = (np.isin(table.method, sorted(alone)) & ~table.greedy & (table.concurrency > 1)) | (
-        np.isin(table.method, sorted(second)) & (devices < 2))
-    return replace(table.subset(np.flatnonzero(~drop)), waived=tuple(sorted(alone | second)))
+    """The rows the router could have chosen (the rest come from clients that named the arm): each row's arm put
+    to the router's own rules (`rules.allowed`) with what the row says of its pool and request: its devices, its
+    batch (a level of c clients: c - 1 others running), its sampling and constraint; that the pools cap sampled
+    drafts is not in the rows (`caps_sampled_drafts`). Requests count as complete without the arms dropped
+    (`Table.waived`)."""
+    from .rules import allowed
+    from .types import PoolInfo
+
+    devices, constrained = (table.base[:, BASE_FEATURES.index(k)] for k in ("pool_devices", "has_constraint"))
+    caps = {"caps_sampled_drafts": True} if caps_sampled_drafts else {}
+
+    def chosen(method: str, n_devices: float, level: int, has_constraint: float, greedy: bool) -> bool:
+        pool = PoolInfo("pool", (method,), {"devices": float(n_devices), **caps}, batch={"load_running": level - 1.0})
+        return allowed(method, pool, bool(has_constraint), sampled=not greedy)[0]
+
+    rows = zip(table.method.tolist(), devices, table.concurrency, constrained, table.greedy)
+    keep = np.asarray([chosen(*row) for row in rows], dtype=bool)
+    return replace(table.subset(np.flatnonzero(keep)), waived=tuple(sorted(set(table.method[~keep].tolist()))))
 
 
 def score(pred: np.ndarray, table: Table, hedge: dict | None = None) -> tuple[float, str]:
