@@ -38,7 +38,7 @@ PROMPT_TAIL = "\nWrite one JSON object that is valid under this schema.\nJSON: "
 class ConstraintBenchConfig:
     target: str = str(DEFAULT_CHECKPOINTS / "target")             # HF causal LM (path or hub id)
     drafter: str | None = str(DEFAULT_CHECKPOINTS / "drafter")    # draft model sharing the tokenizer; None = none
-    dtype: str = "bfloat16"                  # compute dtype of both models
+    dtype: str = "auto"                      # compute dtype of both models
     threads: int | None = None               # torch intra-op threads (None = torch's default)
     arms: tuple[str, ...] | None = None      # arms under the constraint (None = every arm the engine can run)
     subsets: tuple[str, ...] | None = None   # JSONSchemaBench subsets (None = all in the file)

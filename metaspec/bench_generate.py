@@ -25,7 +25,7 @@ DEFAULT_CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 class GenerateConfig:
     target: str = str(DEFAULT_CHECKPOINTS / "target")              # HF causal LM (path or hub id)
     drafter: str | None = str(DEFAULT_CHECKPOINTS / "drafter")     # draft model; None = arms needing one are off
-    dtype: str = "bfloat16"                                        # compute dtype of both models
+    dtype: str = "auto"                                            # compute dtype of both models
     threads: int | None = None                                     # torch intra-op threads (None = default)
 
 

@@ -37,7 +37,7 @@ from metaspec.workers.types import DecodeStats, SamplingParams
 class PearlBenchConfig:
     target: str = str(DEFAULT_CHECKPOINTS / "target")     # target checkpoint
     drafter: str = str(DEFAULT_CHECKPOINTS / "drafter")   # drafter checkpoint (shared tokenizer)
-    dtype: str = "bfloat16"                               # compute dtype of both models
+    dtype: str = "auto"                                   # compute dtype of both models
     categories: tuple[str, ...] | None = None             # prompt categories (None = all)
     n_per_category: int = 3                               # prompts per category
     repeats: int = 2                                      # interleaved passes

@@ -133,8 +133,20 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=str(DEFAULT_CHECKPOINTS / "target"), help="target HF causal LM (path or id)")
     p.add_argument("--drafter", default=str(DEFAULT_CHECKPOINTS / "drafter"),
                    help="drafter sharing the target's tokenizer ('none' to run without)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--dtype", default="auto", type=_dtype, metavar="{auto,float32,bfloat16,float16}",
+                   help="compute dtype; auto (default): bfloat16 where the CPU has native bf16 (AMX, AVX512-BF16), "
+                        "else float32 (workers/model.py resolve_dtype)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def _dtype(value: str) -> str:
+    """--dtype as the concrete dtype this CPU runs ("auto" resolved), so reports name what ran."""
+    from metaspec.workers.model import resolve_dtype
+
+    try:
+        return resolve_dtype(value, "cpu")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_generate(sub) -> None:

@@ -38,7 +38,7 @@ COLLECT_CATEGORIES = (*CATEGORIES, "json_schema")
 class CollectConfig:
     target: str = str(DEFAULT_CHECKPOINTS / "target")        # HF causal LM
     drafter: str | None = str(DEFAULT_CHECKPOINTS / "drafter")  # drafter sharing the tokenizer; None = none
-    dtype: str = "bfloat16"                  # compute dtype of both models
+    dtype: str = "auto"                      # compute dtype of both models
     threads: int | None = None               # torch intra-op threads (None = torch's default)
     arms: tuple[str, ...] | None = None      # arms to run (None = every arm the engine can run)
     categories: tuple[str, ...] | None = None  # None = COLLECT_CATEGORIES

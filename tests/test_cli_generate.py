@@ -41,3 +41,17 @@ def test_errors_are_json_too(capsys, tiny_pair):
     assert rc == 2 and "Expecting property name" in record["error"]
     rc, (record,) = _run(capsys, tiny_pair, "--top-p", "1.5")
     assert rc == 2 and "top_p" in record["error"]
+
+
+def test_dtype_auto_resolves_and_a_bad_dtype_is_a_usage_error(capsys, tiny_pair):
+    from metaspec.cli import _dtype
+    from metaspec.workers.model import resolve_dtype
+
+    assert _dtype("auto") == resolve_dtype("auto", "cpu") and _dtype("float32") == "float32"
+    try:
+        main(["generate", "x", "--target", tiny_pair.target, "--dtype", "int4"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--dtype int4 was accepted")
+    assert "dtype must be one of" in capsys.readouterr().err

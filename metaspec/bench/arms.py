@@ -28,6 +28,7 @@ from metaspec.bench_generate import DEFAULT_CHECKPOINTS, GenerateConfig, local_e
 from metaspec.prompts import Prompt, find_data_dir, load_prompts, sample_prompts
 from metaspec.bench_report import table_gains
 from metaspec.workers.engine import Engine, Request
+from metaspec.workers.model import resolve_dtype
 from metaspec.workers.store import redact_url
 from metaspec.workers.types import SamplingParams
 
@@ -36,7 +37,7 @@ from metaspec.workers.types import SamplingParams
 class BenchConfig:
     target: str = str(DEFAULT_CHECKPOINTS / "target")    # HF causal LM (path or hub id)
     drafter: str | None = str(DEFAULT_CHECKPOINTS / "drafter")  # draft model sharing the tokenizer; None = none
-    dtype: str = "bfloat16"                  # compute dtype of both models
+    dtype: str = "auto"                      # compute dtype of both models
     threads: int | None = None               # torch intra-op threads (None = torch's default)
     arms: tuple[str, ...] | None = None      # our arms to run (None = every arm the engine can run); ar always runs
     categories: tuple[str, ...] | None = None  # prompt categories (None = all, see metaspec.prompts.CATEGORIES)
@@ -304,7 +305,7 @@ def machine_info(cfg: BenchConfig, engine: Engine) -> dict:
     return {
         "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "dtype": cfg.dtype, "target": cfg.target, "drafter": cfg.drafter,
+        "platform": platform.platform(), "dtype": resolve_dtype(cfg.dtype), "target": cfg.target, "drafter": cfg.drafter,
         "target_class": type(engine.target).__name__,
         "drafter_class": type(engine.drafter).__name__ if engine.drafter else None,
         "peak_rss_resettable": reset_peak_rss(), "git_commit": _git_commit(),

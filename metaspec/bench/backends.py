@@ -20,7 +20,7 @@ from metaspec.bench_generate import DEFAULT_CHECKPOINTS, check_checkpoint
 class EngineSpec:
     target: str = str(DEFAULT_CHECKPOINTS / "target")            # HF causal LM (path or hub id)
     drafter: str | None = str(DEFAULT_CHECKPOINTS / "drafter")   # draft model sharing the tokenizer; None = none
-    dtype: str = "bfloat16"                                      # compute dtype of both models
+    dtype: str = "auto"                                          # compute dtype of both models
     threads: int | None = 2                                      # torch intra-op threads (the service's setting)
     max_batch: int = 16                                          # KV slots = requests decoding at once
     slot_tokens: int | None = None                               # cache positions per slot (None = the context)

@@ -21,7 +21,9 @@ class HFBatch:
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, dtype)).eval()
+        from metaspec.workers.model import resolve_dtype
+
+        self.model = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, resolve_dtype(dtype))).eval()
         self.pad_token_id = pad_token_id
         self.version = _version()
 

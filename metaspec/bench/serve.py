@@ -251,10 +251,11 @@ def machine_info(cfg: ServeConfig) -> dict:
     import transformers
 
     from metaspec.bench.arms import _git_commit, cpu_model
+    from metaspec.workers.model import resolve_dtype
 
     return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "dtype": cfg.engine.dtype, "git_commit": _git_commit(),
+            "python": platform.python_version(), "dtype": resolve_dtype(cfg.engine.dtype), "git_commit": _git_commit(),
             "load_avg_1_5_15": list(os.getloadavg()), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

@@ -189,3 +189,32 @@ def test_a_drafts_logits_do_not_depend_on_how_attention_is_split(drafting):
     assert split == (2 * drafting <= 6)
     for p, t, logits in zip(prompts, new, forward_batch(items)):
         assert _max_diff(logits, _hf_logits(hf, p + t)[len(p):]) < FP32_ATOL
+
+
+def test_auto_dtype_is_bf16_only_on_cpus_with_native_bf16():
+    from metaspec.workers.model import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu", frozenset({"avx2", "fma"})) == "float32"            # AVX2-only
+    assert resolve_dtype("auto", "cpu", frozenset({"avx512f", "avx512bw"})) == "float32"    # AVX-512, no bf16
+    assert resolve_dtype("auto", "cpu", frozenset({"avx512f", "avx512_bf16"})) == "bfloat16"
+    assert resolve_dtype("auto", "cpu", frozenset({"amx_tile", "amx_bf16"})) == "bfloat16"
+    assert resolve_dtype("float16", "cpu", frozenset()) == "float16"                       # a named dtype stays
+    with pytest.raises(ValueError, match="auto"):
+        resolve_dtype("int4", "cpu")
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from metaspec.workers.model import cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: X\nflags\t\t: fpu sse2 avx2 amx_bf16\n\nprocessor\t: 1\n")
+    assert cpu_flags(str(info)) == {"fpu", "sse2", "avx2", "amx_bf16"}
+    assert cpu_flags(str(tmp_path / "absent")) == frozenset()
+
+
+def test_a_model_loads_with_auto_dtype(tmp_path):
+    from metaspec.workers.model import resolve_dtype
+
+    _llama("gqa").save_pretrained(tmp_path / "m")
+    model = load_model(ModelConfig(str(tmp_path / "m"), dtype="auto"))
+    assert model.dtype == {"float32": torch.float32, "bfloat16": torch.bfloat16}[resolve_dtype("auto")]
