@@ -195,7 +195,7 @@ class PoolModel(BaseModel):
     target: str | None = None                   # None = the shipped target
     drafter: str | None = None                  # None = the shipped drafter; "" = no drafter
     tokenizer: str | None = None
-    dtype: str = Field(default="float32", pattern=r"^(float32|bfloat16|float16|auto)$")  # auto: workers.model.resolve_dtype
+    dtype: str = Field(default="float32", pattern=r"^(float32|bfloat16|float16|auto)$")  # auto: model.resolve_dtype
     device: str | None = None                   # None = the profile's ("cuda" on a GPU), else cpu
     threads: int = Field(default=1, ge=1)
     k_max: int = Field(default=8, ge=1, le=64)

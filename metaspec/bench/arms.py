@@ -305,7 +305,8 @@ def machine_info(cfg: BenchConfig, engine: Engine) -> dict:
     return {
         "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "dtype": resolve_dtype(cfg.dtype), "target": cfg.target, "drafter": cfg.drafter,
+        "platform": platform.platform(), "dtype": resolve_dtype(cfg.dtype), "target": cfg.target,
+        "drafter": cfg.drafter,
         "target_class": type(engine.target).__name__,
         "drafter_class": type(engine.drafter).__name__ if engine.drafter else None,
         "peak_rss_resettable": reset_peak_rss(), "git_commit": _git_commit(),
