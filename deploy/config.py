@@ -64,6 +64,7 @@ class PoolSpec:
     draft_guard: bool = False                   # and run plain steps while they measure faster
     guard_from_batch: int = 16                  # ... on batches of at least this many decoding requests
     cap_sampled_drafts: bool = False            # the budget may cap sampled drafts too (seeds then reproduce per batch)
+    learnt_acceptance: bool = True              # the budget prices drafts by acceptance learnt per arm, sampling, match
     pearl_lanes: int = 4                        # pearl requests the replica's PEARL drafter serves at once (batched)
     num_replicas: int = 1                       # replicas of this pool
     max_ongoing_requests: int = 16 + BATCH_HEADROOM   # requests Serve hands one replica (max_batch + headroom:
@@ -211,6 +212,7 @@ class PoolModel(BaseModel):
     guard_from_batch: int = Field(default=16, ge=1)   # the guard acts from this batch size up
     cap_sampled_drafts: bool = False            # true = the budget caps sampled drafts too (samples keep the target's
                                                 # distribution; a seed reproduces them only under the same batch)
+    learnt_acceptance: bool = True              # false = a fixed 0.6 prior per request, one class (no learnt priors)
     pearl_lanes: int = Field(default=4, ge=1, le=64)   # pearl requests one PEARL drafter drafts for in one forward
     num_replicas: int = Field(default=1, ge=1)
     max_ongoing_requests: int | None = Field(default=None, ge=1)   # None = max_batch + BATCH_HEADROOM

@@ -237,9 +237,7 @@ class Constraint:
         else:
             keep = min(len(draft.tokens), valid + (draft.probs is not None and not params.greedy))
         self.pruned += len(draft.tokens) - keep
-        if keep == len(draft.tokens):
-            return draft
-        return Draft(draft.tokens[:keep], None if draft.probs is None else draft.probs[:keep])
+        return draft.head(keep)
 
     def _restrict_tree(self, draft: Draft) -> Draft:
         keep = [False] * len(draft.tokens)
@@ -253,7 +251,7 @@ class Constraint:
         if len(index) == len(draft.tokens):
             return draft
         return Draft([draft.tokens[i] for i in index], None,
-                     [index[draft.parents[i]] if draft.parents[i] >= 0 else -1 for i in index])
+                     [index[draft.parents[i]] if draft.parents[i] >= 0 else -1 for i in index], draft.evidence)
 
     def mask(self, logits: torch.Tensor, draft: Draft, params: SamplingParams) -> torch.Tensor:
         """[k'+1, V] logits scored over [last, *draft] → the same with disallowed tokens at -inf per row."""

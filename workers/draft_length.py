@@ -7,7 +7,8 @@ track their own acceptance and costs (sps, early_exit) ask here instead of growi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -57,4 +58,45 @@ class Acceptance:
 
     @property
     def alpha(self) -> float:
-        return (self.hits + self.prior * self.weight) / (self.hits + self.misses + self.weight)
+        return self.estimate()
+
+    def estimate(self, prior: float | None = None) -> float:
+        """The acceptance, its evidence shrunk towards `prior` (default: its own) with the prior's weight."""
+        p = self.prior if prior is None else prior
+        return (self.hits + p * self.weight) / (self.hits + self.misses + self.weight)
+
+
+@dataclass
+class AcceptanceBook:
+    """Per-token acceptance learnt across a replica's requests, by class: (arm, greedy or sampled, evidence).
+
+    What a request's own estimate starts from and shrinks to. A fixed prior (0.6) prices a sampled request's first
+    lookup drafts as if the target would take most of them, where measured it keeps about one in seven, and gives
+    a 3-gram match the same odds as a 1-gram one. `evidence` is the draft's own class (`Draft.evidence`: the
+    length of the context a lookup matched); the class -1 is "any draft of this arm", used before the request
+    has drafted. Off (`learnt=False`) every class reads the fixed prior: one estimate per request, as before.
+
+    >>> book = AcceptanceBook()
+    >>> for _ in range(50): book.update(("pld", False, 1), 0, 4)       # sampled 1-gram matches: never accepted
+    >>> round(book.alpha(("pld", False, 1)), 2), book.alpha(("pld", True, 3))
+    (0.06, 0.6)
+    """
+
+    prior: float = 0.6
+    weight: float = 4.0
+    decay: float = 0.99       # evidence kept per step of the class (about its last hundred drafts count)
+    learnt: bool = True
+    table: dict[Hashable, Acceptance] = field(default_factory=dict)
+
+    def alpha(self, key: Hashable) -> float:
+        a = self.table.get(key) if self.learnt else None
+        return self.prior if a is None else a.alpha
+
+    def update(self, key: Hashable, accepted: int, drafted: int) -> None:
+        if self.learnt:
+            self.table.setdefault(key, Acceptance(self.prior, self.weight, self.decay)).update(accepted, drafted)
+
+    def rates(self) -> dict[str, float]:
+        """Every class's acceptance, keyed "arm/greedy|sampled/evidence" (metrics, bench reports)."""
+        return {f"{k[0]}/{'greedy' if k[1] else 'sampled'}/{k[2]}": round(a.alpha, 4)
+                for k, a in sorted(list(self.table.items()), key=lambda kv: str(kv[0]))}

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .budget import AttentionCost, Ask, CostCurve, DraftGuard, default_curve, plan
-from .draft_length import Acceptance
+from .draft_length import Acceptance, AcceptanceBook
 from .errors import QueueFull
 from .kv import Item, SlotSession, forward_batch
 from .proposers.ar import ARProposer
@@ -60,6 +60,9 @@ class SchedulerConfig:
                                      # verified must not depend on their values): samples keep the target's
                                      # distribution, but a seed reproduces a sample only under the same batch
                                      # (off: it drafts as far as its arm asks, and every batchmate waits for it)
+    learnt_acceptance: bool = True   # the budget prices a draft by the acceptance this replica has learnt for its
+                                     # arm, sampling and match strength (Draft.evidence), the request's own
+                                     # evidence shrunk towards it; off: every request starts from a fixed 0.6
 
 
 @dataclass(eq=False)
@@ -79,7 +82,8 @@ class Sequence:
     seq: list[int] = field(default_factory=list)
     fed: int = 0                                # prompt tokens in the cache
     cancelled: bool = False
-    acceptance: Acceptance = field(default_factory=lambda: Acceptance(prior=0.6, decay=0.8))
+    acceptance: Acceptance = field(default_factory=lambda: Acceptance(prior=0.6, decay=0.8))   # all its drafts
+    by_evidence: dict[int, Acceptance] = field(default_factory=dict)   # per Draft.evidence class
     soft_drafts: bool = False                   # its arm drafts with a distribution (never cut when sampled)
     drafted_last: bool = False                  # its previous step carried a draft
     t_admit: float = 0.0
@@ -114,6 +118,7 @@ class Scheduler:
         self.curve: CostCurve = default_curve()     # the engine replaces it with one measured at start
         self.attention = AttentionCost()            # what drafts add to attention (measured at start; 0 = ignored)
         self.guard = DraftGuard() if cfg.draft_budget and cfg.draft_guard else None   # does drafting pay at all
+        self.book = AcceptanceBook(learnt=cfg.learnt_acceptance)   # acceptance by arm, sampling, evidence
         self._plain = False                         # this step scores no draft it may drop (the guard's call)
         self._wake = threading.Condition()
 
@@ -183,8 +188,8 @@ class Scheduler:
         self.metrics.plain_steps += self._plain
         before = sum(len(s.seq) for s in decoding) if guarded else 0
         drafts, forced = self._propose(decoding, len(decoding) + min(loading, self.cfg.step_tokens))
-        items = [Item(s.session, [s.seq[-1], *d.tokens], None if d.parents is None else [-1, *(p + 1 for p in d.parents)])
-                 for s, d in zip(decoding, drafts)]
+        items = [Item(s.session, [s.seq[-1], *d.tokens],
+                      None if d.parents is None else [-1, *(p + 1 for p in d.parents)]) for s, d in zip(decoding, drafts)]
         room = self.cfg.step_tokens - sum(len(it.tokens) for it in items)
         chunks: list[Sequence] = []
         for s in (s for s in self.running if s.prefilling):
@@ -266,7 +271,7 @@ class Scheduler:
         planned = [i for i, s in enumerate(decoding)
                    if (s.drafted_last or (cost[i] > 0 and (s.params.greedy or self.cfg.cap_sampled_drafts)))
                    and not self._uncut(s)]
-        asks = [Ask(decoding[i].acceptance.alpha, free, cost[i], context=decoding[i].session.length) for i in planned]
+        asks = [Ask(self._alpha(decoding[i]), free, cost[i], context=decoding[i].session.length) for i in planned]
         caps = [free] * len(decoding)
         cached = sum(s.session.length for s in decoding)
         for i, cap in zip(planned, plan(asks, base_tokens, self.curve, self.attention, len(decoding), cached)):
@@ -280,18 +285,35 @@ class Scheduler:
             return drafts
         fixed = [len(d.tokens) if forced.get(id(s)) or (d.probs is not None and not s.params.greedy) else 0
                  for s, d in zip(decoding, drafts)]
-        asks = [Ask(s.acceptance.alpha, len(d.tokens), 0.0, f, s.session.length)
-                for s, d, f in zip(decoding, drafts, fixed)]
+        alphas = [self._alpha(s, d.evidence) for s, d in zip(decoding, drafts)]
+        asks = [Ask(a, len(d.tokens), 0.0, f, s.session.length) for s, d, f, a in zip(decoding, drafts, fixed, alphas)]
         cached = sum(a.context for a in asks)
         keeps = fixed if self._plain else plan(asks, base_tokens, self.curve, self.attention, len(decoding), cached)
         out = []
-        for s, d, keep in zip(decoding, drafts, keeps):
+        for s, d, keep, alpha in zip(decoding, drafts, keeps, alphas):
             if keep < len(d.tokens):
                 s.stats.budget_cut += len(d.tokens) - keep
-                s.stats.budget_reason = self._why(len(decoding), len(d.tokens), keep, s.acceptance.alpha)
+                s.stats.budget_reason = self._why(len(decoding), len(d.tokens), keep, alpha)
                 d = d.head(keep)
             out.append(d)
         return out
+
+    def _alpha(self, s: Sequence, evidence: int | None = None) -> float:
+        """The per-token acceptance the budget prices `s`'s next draft at: its own evidence (of drafts of this
+        evidence class; None = all its drafts), shrunk towards what the replica learnt for the class."""
+        if not self.book.learnt:
+            return s.acceptance.alpha
+        own = s.acceptance if evidence is None else s.by_evidence.get(evidence)
+        prior = self.book.alpha(_class(s, evidence))
+        return prior if own is None else own.estimate(prior)
+
+    def _learn(self, s: Sequence, d: Draft, accepted: int) -> None:
+        drafted = len(d.tokens)
+        s.acceptance.update(accepted, drafted)
+        if self.book.learnt:
+            s.by_evidence.setdefault(d.evidence, Acceptance(prior=0.6, decay=0.8)).update(accepted, drafted)
+            self.book.update(_class(s, None), accepted, drafted)
+            self.book.update(_class(s, d.evidence), accepted, drafted)
 
     def _uncut(self, s: Sequence) -> bool:
         """A sampled request whose arm drafts from a distribution, on a loop that never caps those drafts (a cap
@@ -341,7 +363,7 @@ class Scheduler:
         st = s.stats
         drafted = 0 if not_arms else len(d.tokens)
         if drafted:
-            s.acceptance.update(v.accepted, drafted)
+            self._learn(s, d, v.accepted)
             s.soft_drafts = d.probs is not None
             st.draft_hist[drafted] = st.draft_hist.get(drafted, 0) + 1
         if not not_arms:
@@ -391,6 +413,11 @@ class Scheduler:
         for s in decoding:
             s.stats.propose_s += propose_s
             s.stats.verify_s += verify_s
+
+
+def _class(s: Sequence, evidence: int | None) -> tuple[str, bool, int]:
+    """A draft's class in the AcceptanceBook: (its arm, greedy, evidence; -1 = any draft of the arm)."""
+    return type(s.proposer).__name__, s.params.greedy, -1 if evidence is None else evidence
 
 
 def _rate(x: float | None) -> str:

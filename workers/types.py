@@ -19,6 +19,9 @@ class Draft:
     probs: torch.Tensor | None = None  # [k', vocab] drafter distribution; None = deterministic drafter
     parents: list[int] | None = None   # [k'] tree draft: parent node index (-1 = child of `last`), parents[i] < i;
                                        # None = a chain (node i's parent is i - 1)
+    evidence: int = 0                  # how strong the match behind the draft is, a class the step budget prices
+                                       # with its own learnt acceptance (lookup arms: the context length matched);
+                                       # arms that do not say leave 0 (one class)
 
     def __post_init__(self) -> None:
         if self.parents is not None:
@@ -33,7 +36,7 @@ class Draft:
             return self
         n = max(0, n)
         return Draft(self.tokens[:n], None if self.probs is None else self.probs[:n],
-                     None if self.parents is None else self.parents[:n])
+                     None if self.parents is None else self.parents[:n], self.evidence)
 
     def depths(self) -> list[int]:
         """Depth of every node (1 = child of `last`); a chain's node i has depth i + 1."""

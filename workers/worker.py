@@ -55,6 +55,8 @@ class WorkerCounters:
     steps: int = 0                                   # step-loop forwards so far
     tokens_scored: int = 0                           # tokens those forwards scored
     plain_steps: int = 0                             # of them, steps the draft guard ran without drafts
+    acceptance: dict[str, float] = field(default_factory=dict)   # learnt per-token acceptance by draft class
+                                                     # ("arm/greedy|sampled/evidence", workers/draft_length.py)
 
 
 def worker_config(pool: str, target: str, drafter: str | None, tokenizer: str | None = None, dtype: str = "float32",
@@ -108,7 +110,7 @@ class DecodeWorker:
         m, load = self.engine.scheduler.metrics, self.engine.scheduler.load
         c = self.counters
         c.running, c.waiting, c.steps, c.tokens_scored = load["running"], load["waiting"], m.steps, m.tokens_scored
-        c.plain_steps = m.plain_steps
+        c.plain_steps, c.acceptance = m.plain_steps, self.engine.scheduler.book.rates()
         return c
 
     def table_stats(self) -> dict | None:

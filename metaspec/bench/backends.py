@@ -88,7 +88,7 @@ class EngineBackend:
     def snapshot(self) -> dict:
         m = self.engine.scheduler.metrics
         return {"steps": m.steps, "tokens_scored": m.tokens_scored, "batch_hist": dict(m.batch_hist),
-                "plain_steps": m.plain_steps}
+                "plain_steps": m.plain_steps, "acceptance": self.engine.scheduler.book.rates()}
 
     def sender(self, method: str | None, max_tokens: int, ignore_eos: bool) -> Send:
         from metaspec.workers.engine import Request

@@ -121,7 +121,7 @@ def test_controller_settings_in_the_yaml_reach_serve_options(tmp_path):
 
 
 BATCH_FIELDS = ("max_batch", "prefill_chunk", "step_tokens", "kv_mem_gb", "slot_tokens", "max_waiting", "draft_budget",
-                "draft_guard", "guard_from_batch", "cap_sampled_drafts")
+                "draft_guard", "guard_from_batch", "cap_sampled_drafts", "learnt_acceptance")
 
 
 def test_batch_defaults_are_the_schedulers_own():
@@ -143,7 +143,7 @@ def test_batch_settings_reach_the_worker_config():
 
     batch = {"max_batch": 6, "prefill_chunk": 64, "step_tokens": 512, "kv_mem_gb": 0.5, "slot_tokens": 768,
              "max_waiting": 9, "draft_budget": True, "draft_guard": False, "guard_from_batch": 4,
-             "cap_sampled_drafts": True}
+             "cap_sampled_drafts": True, "learnt_acceptance": False}
     app = build_app({"pools": [{"name": "a", "target": "/t", **batch},
                                {"name": "b", "target": "/t", "max_batch": 3, "max_ongoing_requests": 2}]})
     built = {d.name: d for d in serve_build(app, name="metaspec").deployments}

@@ -7,7 +7,10 @@ from dataclasses import replace
 import pytest
 
 from metaspec.workers.budget import AttentionCost, Ask, CostCurve, DraftGuard, default_curve, plan
+from metaspec.workers.draft_length import AcceptanceBook
 from metaspec.workers.engine import Request
+from metaspec.workers.proposers.ngram_store import match_order
+from metaspec.workers.proposers.pld import lookup
 from metaspec.workers.scheduler import SchedulerConfig
 from metaspec.workers.types import SamplingParams
 from tests.conftest import make_engine
@@ -197,3 +200,55 @@ def test_sampled_drafts_are_capped_only_where_the_pool_allows_it(budget_engine, 
         assert drafted == [0, 0] and [g.token_ids for g in got] == [a.token_ids for a in ar]
     else:
         assert all(d > 0 for d in drafted) and sum(g.stats.budget_cut for g in got) == 0
+
+
+def test_the_book_learns_each_class_apart():
+    book = AcceptanceBook()
+    for _ in range(50):
+        book.update(("pld", False, 1), 0, 4)          # sampled 1-gram matches: never accepted
+        book.update(("pld", True, 3), 4, 4)           # greedy 3-gram matches: always
+    assert book.alpha(("pld", False, 1)) < 0.1 and book.alpha(("pld", True, 3)) > 0.9
+    assert book.alpha(("pld", True, 1)) == 0.6        # an unseen class reads the prior
+    assert set(book.rates()) == {"pld/sampled/1", "pld/greedy/3"}
+    off = AcceptanceBook(learnt=False)
+    off.update(("pld", False, 1), 0, 4)
+    assert off.alpha(("pld", False, 1)) == 0.6 and off.rates() == {}
+
+
+def test_lookups_say_how_long_a_match_they_drafted_from():
+    from metaspec.workers.store import NgramConfig, NgramTable
+
+    assert lookup([5, 6, 7, 8, 5, 6], 2) == ([7, 8], 2)
+    assert lookup([5, 6, 7, 8, 9, 6], 2) == ([7, 8], 1)
+    assert lookup([1, 2, 3], 2) == ([], 0)
+    shared, own = NgramTable(NgramConfig(), 32), NgramTable(NgramConfig(), 32)
+    shared.learn([], [1, 2, 7])
+    own.learn([], [5, 2, 9])
+    assert [match_order([own, shared], s) for s in ([1, 2], [4, 2], [3])] == [2, 1, 0]
+
+
+def test_learnt_acceptance_cuts_what_the_replica_saw_rejected(budget_engine):
+    """Sampled lookups that this replica learnt are almost never accepted are cut before they are verified; the
+    same arm's greedy drafts, of a class it has not learnt, are not. Every request's tokens are still AR's (the
+    sampled ones with its seed: position-keyed noise)."""
+    scheduler = budget_engine.scheduler
+    saved = scheduler.curve, scheduler.guard, scheduler.book
+    scheduler.curve, scheduler.guard, scheduler.book = CURVE, None, AcceptanceBook()
+    for evidence in (-1, 0, 1, 2, 3):
+        for _ in range(50):
+            scheduler.book.update(("PLDProposer", False, evidence), 0, 4)
+    try:
+        sampled = SamplingParams(max_tokens=24, temperature=0.9, seed=11, ignore_eos=True)
+        greedy = SamplingParams(max_tokens=24, ignore_eos=True)
+        every = tuple(range(4, budget_engine.target.vocab_size))     # whatever is sampled, a 1-gram matches
+        requests = [Request(prompt_ids=every[i:] + every[:i], method="pld", params=p)
+                    for i, p in enumerate([sampled, greedy])]
+        got = [budget_engine.generate(r) for r in requests]
+        learnt = scheduler.book.rates()
+    finally:
+        scheduler.curve, scheduler.guard, scheduler.book = saved
+    want = [budget_engine.generate(Request(prompt_ids=r.prompt_ids, method="ar", params=r.params)) for r in requests]
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert got[0].stats.drafted == 0 and got[0].stats.budget_cut > 0, got[0].stats
+    assert got[1].stats.drafted > 0, got[1].stats
+    assert any(k.startswith("PLDProposer/greedy/") and k != "PLDProposer/greedy/-1" for k in learnt), learnt

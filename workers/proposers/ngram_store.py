@@ -39,6 +39,21 @@ def continuations(tables: list[NgramTable], seq: list[int] | tuple[int, ...]) ->
     return out
 
 
+def match_order(tables: list[NgramTable], seq: list[int] | tuple[int, ...]) -> int:
+    """The longest context of seq that any table continues (0 = none): how strong a draft's first token is.
+
+    >>> shared.learn([], [1, 2, 7]); own.learn([], [5, 2, 9])
+    >>> match_order([own, shared], [1, 2]), match_order([own, shared], [4, 2]), match_order([own], [3])
+    (2, 1, 0)
+    """
+    cfg = tables[0].cfg
+    for n in range(min(cfg.max_order, len(seq)), cfg.min_order - 1, -1):
+        context = tuple(seq[-n:])
+        if any(table.following(context) for table in tables):
+            return n
+    return 0
+
+
 def ngram_tree(table: NgramTable, seq: list[int], template: Template,
                own: NgramTable | None = None) -> tuple[list[int], list[int]]:
     """(tokens, parents) of the candidate tree after `seq`: a node's children continue its path's longest match,
@@ -58,7 +73,7 @@ class NgramStoreProposer:
     def propose(self, seq: list[int], k: int) -> Draft:
         tokens = best_chain(*ngram_tree(self.table, seq, self.chain, self.own), k) if k > 0 else []
         self.drafted = len(tokens)
-        return Draft(tokens)
+        return Draft(tokens, evidence=match_order([self.own, self.table], seq) if tokens else 0)
 
     def observe(self, seq: list[int], verdict: Verdict) -> None:
         self.table.record(self.drafted, verdict.accepted, self.drafted > 0)

@@ -10,11 +10,12 @@ from ..registry import ArmContext, register
 from ..types import Draft, Verdict
 
 
-def lookup(seq: list[int] | np.ndarray, k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
-    """Tokens that followed the most recent earlier match of seq's last n tokens (longest n first).
+def lookup(seq: list[int] | np.ndarray, k: int, max_ngram: int = 3, min_ngram: int = 1) -> tuple[list[int], int]:
+    """Tokens that followed the most recent earlier match of seq's last n tokens (longest n first), and that n
+    (0 = no match).
 
     >>> lookup([5, 6, 7, 8, 5, 6], k=2)
-    [7, 8]
+    ([7, 8], 2)
     """
     arr = np.asarray(seq, dtype=np.int64)
     n_seq = len(arr)
@@ -24,8 +25,8 @@ def lookup(seq: list[int] | np.ndarray, k: int, max_ngram: int = 3, min_ngram: i
         hits = hits[hits + n < n_seq]  # a continuation must exist
         if len(hits):
             start = int(hits[-1]) + n
-            return arr[start: start + k].tolist()
-    return []
+            return arr[start: start + k].tolist(), n
+    return [], 0
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,10 @@ class PLDProposer:
         self.cfg = cfg
 
     def propose(self, seq: list[int], k: int) -> Draft:
-        return Draft(lookup(seq, k, self.cfg.max_ngram, self.cfg.min_ngram) if k > 0 else [])
+        if k <= 0:
+            return Draft([])
+        tokens, n = lookup(seq, k, self.cfg.max_ngram, self.cfg.min_ngram)
+        return Draft(tokens, evidence=n)     # a longer match is a likelier continuation: the budget prices each n
 
     def observe(self, seq: list[int], verdict: Verdict) -> None:
         pass
