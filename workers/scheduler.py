@@ -189,7 +189,8 @@ class Scheduler:
         before = sum(len(s.seq) for s in decoding) if guarded else 0
         drafts, forced = self._propose(decoding, len(decoding) + min(loading, self.cfg.step_tokens))
         items = [Item(s.session, [s.seq[-1], *d.tokens],
-                      None if d.parents is None else [-1, *(p + 1 for p in d.parents)]) for s, d in zip(decoding, drafts)]
+                      None if d.parents is None else [-1, *(p + 1 for p in d.parents)])
+                 for s, d in zip(decoding, drafts)]
         room = self.cfg.step_tokens - sum(len(it.tokens) for it in items)
         chunks: list[Sequence] = []
         for s in (s for s in self.running if s.prefilling):
