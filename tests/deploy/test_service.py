@@ -157,6 +157,8 @@ def test_generate_unary(client, service):
     record = logged(service)["unary-1"]          # on disk before the reply was sent
     assert (record.status, record.pool, record.method, record.completion_tokens) == ("OK", "a", "sps", 24)
     assert record.source == "service" and record.features["max_tokens"] == 24
+    learnt = worker_stats("a").acceptance     # the replica's acceptance by draft class: sps's drafts are in it
+    assert 0.0 < learnt["SpsProposer/greedy/-1"] < 1.0 and "SpsProposer/greedy/0" in learnt, learnt
 
 
 def test_the_ingress_is_the_configured_one(client, service):
