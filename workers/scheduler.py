@@ -65,6 +65,11 @@ class SchedulerConfig:
                                      # evidence shrunk towards it; off: every request starts from a fixed 0.6
 
 
+def _own_acceptance() -> Acceptance:
+    """A request's own acceptance estimate (of all its drafts, or of one evidence class): recent steps count most."""
+    return Acceptance(prior=0.6, decay=0.8)
+
+
 @dataclass(eq=False)
 class Sequence:
     """One request inside the step loop (engine-core state; the API's request types live elsewhere)."""
@@ -82,7 +87,7 @@ class Sequence:
     seq: list[int] = field(default_factory=list)
     fed: int = 0                                # prompt tokens in the cache
     cancelled: bool = False
-    acceptance: Acceptance = field(default_factory=lambda: Acceptance(prior=0.6, decay=0.8))   # all its drafts
+    acceptance: Acceptance = field(default_factory=_own_acceptance)   # of all its drafts
     by_evidence: dict[int, Acceptance] = field(default_factory=dict)   # per Draft.evidence class
     soft_drafts: bool = False                   # its arm drafts with a distribution (never cut when sampled)
     drafted_last: bool = False                  # its previous step carried a draft
@@ -312,7 +317,7 @@ class Scheduler:
         drafted = len(d.tokens)
         s.acceptance.update(accepted, drafted)
         if self.book.learnt:
-            s.by_evidence.setdefault(d.evidence, Acceptance(prior=0.6, decay=0.8)).update(accepted, drafted)
+            s.by_evidence.setdefault(d.evidence, _own_acceptance()).update(accepted, drafted)
             self.book.update(_class(s, None), accepted, drafted)
             self.book.update(_class(s, d.evidence), accepted, drafted)
 
